@@ -1,0 +1,527 @@
+"""
+OLMo 1, 2 and 3 in one file: the language models of AI2's Open Language Model project.
+
+Read top to bottom: config -> norms -> rotary embedding (plain and YaRN) -> attention -> MLP -> block ->
+model -> KV cache -> checkpoint loader -> tokenizer. Parameter names equal the Hugging Face checkpoint
+names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with load_state_dict.
+
+The three generations differ in a few lines, each behind one config flag:
+  OLMo 1 (model_type "olmo"):  pre-norm blocks with a LayerNorm that has no weights; optional clip_qkv.
+  OLMo 2 ("olmo2"):            norms moved after attention/MLP (RMSNorm), RMSNorm on the full q and k.
+  OLMo 3 ("olmo3"):            OLMo 2 + sliding-window attention on 3 of 4 layers, YaRN on the others.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------------
+# Config: field names are the keys of the Hugging Face config.json
+
+
+@dataclass
+class OlmoConfig:
+    model_type: str = "olmo2"  # "olmo" | "olmo2" | "olmo3": picks the block layout (see the flags below)
+    vocab_size: int = 100352  # rows of the embedding and of the logits (can be padded past the tokenizer)
+    hidden_size: int = 2048  # d, the width of the residual stream
+    intermediate_size: int = 8192  # width of the SwiGLU hidden layer
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16  # H query heads of head_dim = hidden_size // H (128 in every release)
+    num_key_value_heads: int = 16  # KV heads; fewer than H means grouped-query attention (GQA)
+    max_position_embeddings: int = 4096  # context length the model was trained for
+    rope_theta: float = 500000.0  # RoPE base
+    rope_scaling: dict | None = None  # YaRN parameters for the full-attention layers (OLMo 3), else None
+    rms_norm_eps: float = 1e-6  # OLMo 2/3 RMSNorm epsilon (OLMo 1's LayerNorm uses a fixed 1e-5)
+    clip_qkv: float | None = None  # OLMo 1 0424/0724: clamp q, k, v to [-clip_qkv, clip_qkv]
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B)
+    sliding_window: int | None = None  # OLMo 3: how many keys (counting itself) a sliding layer sees
+    layer_types: list | None = None  # per layer "full_attention" or "sliding_attention"
+    eos_token_id: int | None = None  # end of text, where generation stops
+    pad_token_id: int | None = None
+    attn_implementation: str = "sdpa"  # "eager" spells the attention math out; "sdpa" calls the fused kernel
+
+    def __post_init__(self):
+        if self.model_type not in ("olmo", "olmo2", "olmo3"):
+            raise ValueError(f"unknown model_type {self.model_type!r}: expected 'olmo', 'olmo2' or 'olmo3'")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("hidden_size must divide into num_attention_heads, and those into num_key_value_heads")
+        if self.layer_types is None:  # OLMo 3's default: every 4th layer sees everything, the others a window
+            every4 = lambda i: "full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+            self.layer_types = [every4(i) if self.model_type == "olmo3" else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"layer_types must list 'full_attention'/'sliding_attention' once per layer, got {self.layer_types}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
+            raise ValueError(f"only YaRN rope scaling is used by OLMo checkpoints, got {self.rope_scaling}")
+
+    # The two switches between OLMo 1 and OLMo 2+, named after AI2's own config keys.
+    @property
+    def norm_after(self):  # RMSNorm on the OUTPUT of attention and MLP (OLMo 2+), not LayerNorm on the input
+        return self.model_type != "olmo"
+
+    @property
+    def qk_norm(self):  # RMSNorm on the full-width q and k projections (OLMo 2+)
+        return self.model_type != "olmo"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """A Hugging Face config.json dict, transformers-4 or transformers-5 style."""
+        d = dict(d)
+        if d.get("model_type") not in ("olmo", "olmo2", "olmo3"):
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not an OLMo model "
+                             "(expected 'olmo', 'olmo2' or 'olmo3')")
+        rope = d.pop("rope_parameters", None)  # transformers 5 moved rope_theta/rope_scaling in here
+        if rope is not None:
+            if "full_attention" in rope or "sliding_attention" in rope:  # OLMo 3: one dict per layer type
+                full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+                if sliding.get("rope_type", "default") != "default" or sliding.get("rope_theta", full.get("rope_theta")) != full.get("rope_theta"):
+                    raise ValueError(f"{source}: sliding layers must use plain RoPE with the full layers' theta, got {rope}")
+                rope = full
+            d.setdefault("rope_theta", rope.get("rope_theta"))
+            if rope.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        if d.get("num_key_value_heads") is None:
+            d["num_key_value_heads"] = d.get("num_attention_heads")
+        if d.get("rope_theta") is None:
+            d["rope_theta"] = 500000.0 if d["model_type"] == "olmo3" else 10000.0  # the reference's defaults
+        names = {f.name for f in fields(cls)}
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {', '.join(missing)}")
+        if d.get("attention_bias"):
+            raise ValueError(f"{source}: attention_bias=true was never used by an OLMo release and is not supported")
+        return cls(**{k: v for k, v in d.items() if k in names and k != "attn_implementation"})
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_name(cls, name):
+        """A preset with the hyper-parameters of a released checkpoint, e.g. 'OLMo-2-0425-1B'."""
+        key = name.split("/")[-1]
+        key = next((k for k in PRESETS if key == k or key.startswith(k + "-")), None)  # -Instruct, -Think, ...
+        if key is None:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[key])
+
+
+def _preset(model_type, d, I, L, H, KV, ctx, vocab, **extra):
+    eos, pad = (50279, 1) if model_type == "olmo" else (100257, 100277)
+    theta = 10000.0 if model_type == "olmo" else 500000.0
+    return dict(model_type=model_type, hidden_size=d, intermediate_size=I, num_hidden_layers=L,
+                num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=ctx, vocab_size=vocab,
+                rope_theta=theta, eos_token_id=eos, pad_token_id=pad, **extra)
+
+
+_YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
+             attention_factor=1.2079441541679836)
+_OLMO3 = dict(sliding_window=4096, rope_scaling=_YARN)
+PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
+    "OLMo-1B-hf": _preset("olmo", 2048, 8192, 16, 16, 16, 2048, 50304, tie_word_embeddings=True),
+    "OLMo-7B-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
+    "OLMo-7B-Twin-2T-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
+    "OLMo-7B-0424-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
+    "OLMo-7B-0724-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
+    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352),
+    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352),
+    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352),
+    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352),
+    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_OLMO3),
+    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_OLMO3),
+}
+
+# -----------------------------------------------------------------------------------------------------------
+# Norms. Both compute in float32 and round once at the end, as the reference does.
+
+
+class LayerNorm(nn.Module):
+    """OLMo 1: LayerNorm with no weight and no bias, eps fixed at 1e-5."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), None, None, 1e-5).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """OLMo 2/3: x / rms(x) * weight, the weight multiplied in float32 (OLMoE would round first)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE), "half-split" form: dims i and i + hd/2 rotate together.
+
+
+def rope_frequencies(config, yarn):
+    """Inverse frequencies (hd/2,) and the cos/sin scale. YaRN (OLMo 3, full-attention layers only) keeps the
+    high frequencies, divides the low ones by `factor`, blends a ramp between, and scales cos/sin."""
+    hd, theta = config.head_dim, config.rope_theta
+    pos_freqs = theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    if not yarn:
+        return 1.0 / pos_freqs, 1.0
+    s = config.rope_scaling
+    factor = s.get("factor") or config.max_position_embeddings / s["original_max_position_embeddings"]
+    attention_factor = s.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+    # the dimension that turns `rotations` times over the original context: below `low` the frequencies are
+    # left alone (extrapolated), above `high` divided by factor (interpolated)
+    dim_of = lambda rotations: hd * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp  # weight of the original (extrapolated) frequency
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(config, yarn, pos):
+    """pos (B, T) integer positions -> cos, sin (B, 1, T, hd) in float32."""
+    inv_freq, scale = rope_frequencies(config, yarn)  # 64 numbers: recomputed so they stay float32 always
+    freqs = pos[..., None].float() * inv_freq.to(pos.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+hd/2}) pair by its angle, in float32 (cos/sin promote x), then round once."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        d, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.layer_idx = H, KV, hd, layer_idx
+        self.q_proj = nn.Linear(d, H * hd, bias=False)
+        self.k_proj = nn.Linear(d, KV * hd, bias=False)
+        self.v_proj = nn.Linear(d, KV * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
+        self.clip_qkv = config.clip_qkv
+        if config.qk_norm:  # over all heads at once, before the split into heads (not per head as in Qwen3)
+            self.q_norm = RMSNorm(H * hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(KV * hd, config.rms_norm_eps)
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+        self.eager = config.attn_implementation == "eager"
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*hd), (B, T, KV*hd) x2
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd): past keys and these, S >= T
+        if self.eager:
+            y = self.attend(q, k, v, mask)
+        else:  # the same math, fused (flash attention on GPU); GQA by broadcasting the KV heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hd) + mask) v, one line at a time."""
+        rep = self.n_head // self.n_kv_head  # GQA: each KV head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5  # (B, H, T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32, like the reference
+        return probs @ v  # (B, H, T, hd)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.norm_after = config.norm_after
+        if config.norm_after:  # OLMo 2/3. Careful: in Llama the same name is the norm BEFORE the MLP
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:  # OLMo 1: classic pre-norm with parameter-free LayerNorms
+            self.input_layernorm = LayerNorm()
+            self.post_attention_layernorm = LayerNorm()
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        if self.norm_after:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class OlmoModel(nn.Module):
+    """Token embeddings -> blocks -> final norm. Returns the last hidden states (B, T, d)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else LayerNorm()
+
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        """input_ids (B, T). With a cache, these tokens follow the cache.length tokens already in it.
+        attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, as in Hugging Face."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {past} are in it and {T} more do not fit")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}")
+        t = torch.arange(past, past + T, device=input_ids.device)  # time step of each new token
+        if attention_mask is None:
+            pos = t[None]  # (1, T) positions for RoPE
+        else:  # a left-padded row starts counting positions at its first real token
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        # RoPE and the mask depend only on a layer's kind (full or sliding): compute each kind once
+        kinds = {}
+        for layer in self.layers:
+            window = layer.self_attn.sliding_window
+            if window not in kinds:
+                yarn = window is None and self.config.rope_scaling is not None  # YaRN on full layers only
+                key_t = cache.key_times(layer.self_attn.layer_idx, T) if cache is not None else t
+                kinds[window] = (*rope_cos_sin(self.config, yarn, pos), make_mask(t, key_t, window, attention_mask))
+        x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
+        for layer in self.layers:
+            x = layer(x, *kinds[layer.self_attn.sliding_window], cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+def make_mask(t, key_t, window, attention_mask):
+    """(B|1, 1, T, S) bool, True where the query at time t[i] may see the key at time key_t[j]:
+    causal, within the sliding window, and not padding. Empty cache slots have key_t = -1."""
+    ok = (key_t[None, :] <= t[:, None]) & (key_t[None, :] >= 0)  # (T, S)
+    if window is not None:  # the window counts the query itself: window keys in all
+        ok = ok & (t[:, None] - key_t[None, :] < window)
+    ok = ok[None]  # (1, T, S)
+    if attention_mask is not None:
+        ok = ok & attention_mask.bool()[:, key_t.clamp(min=0)][:, None, :]  # (B, T, S)
+        ok = ok | (key_t[None, None, :] == t[None, :, None])  # a padding query sees itself: no empty softmax
+    return ok[:, None]
+
+
+class OlmoForCausalLM(nn.Module):
+    """OlmoModel + lm_head: returns logits (B, T, vocab_size), and the mean cross-entropy loss when targets
+    (the next token at each position, -100 = ignore) are given."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = OlmoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # OLMo-1B: the output layer is the embedding matrix
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # the reference's init (for training from scratch; loading overwrites it)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids, targets=None, cache=None, attention_mask=None, last_only=False):
+        x = self.model(input_ids, cache, attention_mask)
+        if last_only:  # generation needs only the next-token logits: skip the big vocab matmul elsewhere
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None, dtype=None):
+        return load_model(folder, device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, allocated once so decoding allocates nothing per step.
+
+    Full-attention layers keep every time step t in slot t. Sliding-window layers keep a ring of the last
+    `sliding_window` steps in slot t % window, so their memory stays bounded however long the text."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        self.max_len, self.length = max_len, 0
+        sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
+        shape = lambda size: (batch_size, config.num_key_value_heads, size, config.head_dim)
+        self.k = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]  # (B, KV, S, hd) per layer
+        self.v = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]
+
+    def _wraps(self, size, T):  # would writing T tokens overwrite keys that this chunk's own queries need?
+        return T > 1 and self.length + T > size
+
+    def key_times(self, i, T):
+        """Time step of each key that layer i attends over in a step of T new tokens (-1: empty slot)."""
+        size, L = self.k[i].shape[2], self.length + T
+        dev = self.k[i].device
+        if self._wraps(size, T):  # old ring contents followed by the whole new chunk
+            old = self._slot_times(size, self.length, dev)
+            return torch.cat([old, torch.arange(self.length, L, device=dev)])
+        return self._slot_times(size, L, dev)[: min(L, size)]
+
+    @staticmethod
+    def _slot_times(size, L, device):  # after L steps, slot s holds the latest t < L with t % size == s
+        s = torch.arange(size, device=device)
+        return torch.where(s < L, s + (L - 1 - s).clamp(min=0) // size * size, -1)
+
+    def update(self, i, k, v):
+        """Store this step's k, v (B, KV, T, hd) for layer i; return the keys and values to attend over."""
+        K, V = self.k[i], self.v[i]
+        size, T = K.shape[2], k.shape[2]
+        slots = torch.arange(self.length, self.length + T, device=K.device) % size
+        if self._wraps(size, T):
+            keys, values = torch.cat([K, k], 2), torch.cat([V, v], 2)
+            K.index_copy_(2, slots[-size:], k[:, :, -size:])
+            V.index_copy_(2, slots[-size:], v[:, :, -size:])
+            return keys, values
+        K.index_copy_(2, slots, k)
+        V.index_copy_(2, slots, v)
+        n = min(self.length + T, size)
+        return K[:, :, :n], V[:, :, :n]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file, memory-mapped: no tensor is read until it is used.
+    Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    # a read-only file as a shared mapping: tensors are views into the page cache, never copies
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    out = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        shape = info.get("shape", [])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data (shape {shape}, "
+                             f"{info['dtype']}) but the file has {size - 8 - n}: truncated or corrupt")
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 8 + n + begin, (nbytes,))
+        if (8 + n + begin) % dtype.itemsize:  # misaligned for this dtype: copy to aligned memory
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(shape)
+    return out
+
+
+def load_model(folder, device=None, dtype=None):
+    """An OlmoForCausalLM from a Hugging Face checkpoint folder (config.json + model.safetensors).
+    dtype None keeps the checkpoint's own dtype; then on the CPU the weights stay memory-mapped, uncopied."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config = OlmoConfig.from_json(folder / "config.json")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no model.safetensors in {folder}")
+    with torch.device("meta"):  # parameters without memory: the checkpoint's tensors become the parameters
+        model = OlmoForCausalLM(config)
+    load_weights(model, read_safetensors(weights), str(weights), device, dtype)
+    return model.eval()
+
+
+def load_weights(model, state, source, device=None, dtype=None):
+    """Assign checkpoint tensors (Hugging Face names) to the model's parameters, checking names and shapes."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)  # a tied checkpoint may or may not store the shared matrix twice
+        expected.pop("lm_head.weight")
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
+                         + (f"\n  missing: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "") if missing else "")
+                         + (f"\n  unexpected: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "") if unexpected else ""))
+    for name, p in expected.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"the config expects {tuple(p.shape)}")
+        state[name] = state[name].to(device=device or "cpu", dtype=dtype or state[name].dtype)
+    model.load_state_dict(state, assign=True, strict=not tied)
+    if tied:  # assign=True replaced the embedding Parameter; point the head at it again
+        model.lm_head.weight = model.model.embed_tokens.weight

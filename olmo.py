@@ -488,20 +488,159 @@ def read_safetensors(path):
     return out
 
 
-def load_model(folder, device=None, dtype=None):
-    """An OlmoForCausalLM from a Hugging Face checkpoint folder (config.json + model.safetensors).
-    dtype None keeps the checkpoint's own dtype; then on the CPU the weights stay memory-mapped, uncopied."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    config = OlmoConfig.from_json(folder / "config.json")
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"no model.safetensors in {folder}")
+def load_model(name_or_folder, device=None, dtype=None):
+    """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B').
+
+    A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
+    model.safetensors.index.json, pytorch_model.bin (or its shards); or AI2's original layout (config.json of
+    model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt).
+    The model is built on the meta device and the checkpoint's memory-mapped tensors become its parameters,
+    so the weights are never held twice. dtype None keeps the checkpoint's dtype (then on the CPU the weights
+    stay memory-mapped, uncopied)."""
+    folder = resolve_checkpoint(name_or_folder)
+    config = read_config(folder)
+    files, source = checkpoint_files(folder)
+    state = {}
+    for f in files:
+        state.update(read_safetensors(f) if f.suffix == ".safetensors" else read_torch_checkpoint(f))
+    if any(k.startswith(("transformer.", "model.transformer.")) for k in state):
+        state = convert_ai2_state_dict(state, config, source)
     with torch.device("meta"):  # parameters without memory: the checkpoint's tensors become the parameters
         model = OlmoForCausalLM(config)
-    load_weights(model, read_safetensors(weights), str(weights), device, dtype)
+    load_weights(model, state, source, device, dtype)
     return model.eval()
+
+
+def resolve_checkpoint(name_or_folder):
+    """A local folder as is; otherwise a Hub id, downloaded into (or found in) the Hugging Face cache."""
+    folder = Path(name_or_folder).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file; pass the checkpoint folder that holds config.json")
+        return folder
+    name = str(name_or_folder)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (nor is {name!r} a Hub id like 'allenai/OLMo-2-0425-1B')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{name!r} is not a local folder; downloading it from the Hugging Face Hub needs "
+                          "`pip install huggingface_hub` (or pass a local checkpoint folder)") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "config.yaml"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo: the Hub's own message says which
+        raise OSError(f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                      "Without a network, pass a local checkpoint folder instead.") from None
+
+
+def read_config(folder):
+    """OlmoConfig from config.json (Hugging Face, or AI2's 'hf_olmo'), or from AI2's trainer config.yaml."""
+    path = folder / "config.json"
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return config_from_ai2(d, str(path)) if d.get("model_type") == "hf_olmo" else OlmoConfig.from_dict(d, str(path))
+    path = folder / "config.yaml"
+    if path.is_file():
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"reading AI2's {path} needs `pip install pyyaml`") from None
+        return config_from_ai2(yaml.safe_load(path.read_text())["model"], str(path))
+    raise FileNotFoundError(f"no config.json (or AI2 config.yaml) in {folder}")
+
+
+def config_from_ai2(c, source):
+    """Map AI2's ModelConfig keys (allenai/OLMo trainer) onto OlmoConfig. Only what was released is accepted."""
+    refuse = {"alibi": True, "include_bias": True, "bias_for_layer_norm": True, "multi_query_attention": True,
+              "scale_logits": True, "rope": False}
+    bad = [f"{k}={c[k]}" for k, v in refuse.items() if k in c and c[k] == v]
+    if c.get("block_type", "sequential") != "sequential":
+        bad.append(f"block_type={c['block_type']}")
+    olmo2 = bool(c.get("norm_after")) and bool(c.get("attention_layer_norm")) and c.get("layer_norm_type") == "rms"
+    olmo1 = not c.get("norm_after") and not c.get("attention_layer_norm") and c.get("layer_norm_type", "default") == "default" \
+        and not c.get("layer_norm_with_affine")
+    if not (olmo1 or olmo2):
+        bad.append("a norm layout that is neither OLMo 1's nor OLMo 2's")
+    if bad:
+        raise ValueError(f"{source}: not a released OLMo architecture ({', '.join(bad)})")
+    d, heads = c["d_model"], c["n_heads"]
+    mlp = c.get("mlp_hidden_size") or c.get("mlp_ratio", 4) * d  # the fused up+gate width
+    return OlmoConfig(model_type="olmo2" if olmo2 else "olmo", vocab_size=c.get("embedding_size") or c["vocab_size"],
+                      hidden_size=d, intermediate_size=mlp // 2, num_hidden_layers=c["n_layers"],
+                      num_attention_heads=heads, num_key_value_heads=c.get("n_kv_heads") or heads,
+                      max_position_embeddings=c.get("max_sequence_length", 1024), rope_theta=c.get("rope_theta", 10000.0),
+                      rms_norm_eps=c.get("layer_norm_eps", 1e-5), clip_qkv=c.get("clip_qkv"),
+                      tie_word_embeddings=c.get("weight_tying", True), eos_token_id=c.get("eos_token_id"),
+                      pad_token_id=c.get("pad_token_id"))
+
+
+def checkpoint_files(folder):
+    """The weight files of a checkpoint folder, in the first layout found, and a name for messages."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{folder / index}: not a shard index ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder / index} lists shard(s) that are not in the folder: {', '.join(missing)}")
+            return [folder / s for s in shards], str(folder / index)
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+        if (folder / name).is_file():
+            return [folder / name], str(folder / name)
+    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin(.index.json) or model.pt")
+
+
+def read_torch_checkpoint(path):
+    """{name: tensor} from a pickled PyTorch checkpoint, memory-mapped, loading tensors only (no code)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def convert_ai2_state_dict(state, config, source):
+    """AI2's original names -> Hugging Face names. The fused projections are split by rows:
+    att_proj = [q (d rows); k (KV*hd); v (KV*hd)], ff_proj = [up (I rows); gate (I)] (up FIRST: a swap still
+    gives fluent-looking nonsense, not an error)."""
+    kv = config.num_key_value_heads * config.head_dim
+    renames = {"attn_out": "self_attn.o_proj", "ff_out": "mlp.down_proj", "q_norm": "self_attn.q_norm",
+               "k_norm": "self_attn.k_norm", "attn_norm": "post_attention_layernorm",
+               "ff_norm": "post_feedforward_layernorm"}
+    out = {}
+    for name, t in state.items():
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] != "transformer":
+            raise ValueError(f"{source}: tensor {name} is not an AI2 OLMo tensor (expected transformer.*)")
+        if parts[1] == "wte":
+            out["model.embed_tokens.weight"] = t
+        elif parts[1] == "ff_out":
+            out["lm_head.weight"] = t
+        elif parts[1] == "ln_f":
+            out["model.norm.weight"] = t
+        elif parts[1] == "blocks" and len(parts) == 5:
+            pre, kind = f"model.layers.{parts[2]}.", parts[3]
+            if kind == "att_proj":
+                q, k, v = t.split([config.hidden_size, kv, kv], dim=0)
+                out.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
+                            pre + "self_attn.v_proj.weight": v})
+            elif kind == "ff_proj":
+                up, gate = t.chunk(2, dim=0)
+                out.update({pre + "mlp.up_proj.weight": up, pre + "mlp.gate_proj.weight": gate})
+            elif kind in renames:
+                out[pre + renames[kind] + "." + parts[4]] = t
+            else:
+                raise ValueError(f"{source}: unexpected AI2 tensor {name}")
+        else:
+            raise ValueError(f"{source}: unexpected AI2 tensor {name}")
+    return out
 
 
 def load_weights(model, state, source, device=None, dtype=None):
@@ -525,3 +664,81 @@ def load_weights(model, state, source, device=None, dtype=None):
     model.load_state_dict(state, assign=True, strict=not tied)
     if tied:  # assign=True replaced the embedding Parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tokenizer: the checkpoint's tokenizer.json (byte-level BPE) run by tiktoken
+
+GPT2_PRETOKENIZE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_to_unicode():
+    """GPT-2's table that spells every byte as a printable character: tokenizer.json stores tokens in it.
+    Printable Latin-1 bytes stand for themselves; the others (space, controls, ...) map to chr(256 + i)."""
+    table = {b: chr(b) for b in [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]}
+    return table | {b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in table)}
+
+
+class Tokenizer:
+    """encode/decode with the same ids as the Hugging Face `tokenizers` library, for OLMo's tokenizer.json files.
+
+    Byte-level BPE with ranks = token ids is exactly what tiktoken runs, given the file's pre-tokenizer regex.
+    Two things happen before it, as in `tokenizers`: the text is normalized (NFC, for the NeoX tokenizer of
+    OLMo 1), and added tokens (special tokens, and OLMo 1's runs of 2..24 spaces) are split out longest first."""
+
+    def __init__(self, path, eos_token=None):
+        import re
+        import unicodedata
+
+        import tiktoken
+
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            model, added = spec["model"], spec.get("added_tokens", [])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a tokenizer.json ({type(e).__name__}: {e})") from None
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: expected a byte-level BPE tokenizer, got model type {model.get('type')!r}")
+        norm = (spec.get("normalizer") or {}).get("type")
+        if norm not in (None, "NFC"):
+            raise ValueError(f"{path}: unsupported normalizer {norm!r}")
+        self.normalize = (lambda s: unicodedata.normalize("NFC", s)) if norm == "NFC" else (lambda s: s)
+        pre = spec.get("pre_tokenizer") or {}
+        splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+        pattern = splits[0]["pattern"]["Regex"] if splits else GPT2_PRETOKENIZE
+
+        self.added = {a["content"]: a["id"] for a in added}
+        to_byte = {c: b for b, c in byte_to_unicode().items()}
+        ranks = {bytes(to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in self.added}
+        self.enc = tiktoken.Encoding(name=path.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.added)
+        # leftmost-longest match of any added token, as the `tokenizers` library splits them out
+        self.added_re = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) or "(?!)")
+        eos = eos_token or ("<|endoftext|>" if "<|endoftext|>" in self.added else None)
+        self.eos_token_id = self.added.get(eos) if eos else None
+
+    def encode(self, text):
+        text, ids, start = self.normalize(text), [], 0
+        for m in self.added_re.finditer(text):
+            ids += self.enc.encode_ordinary(text[start:m.start()]) + [self.added[m.group()]]
+            start = m.end()
+        return ids + self.enc.encode_ordinary(text[start:])
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(folder_or_file):
+    """The Tokenizer of a checkpoint folder (its tokenizer.json, eos from tokenizer_config.json) or of a file."""
+    path = Path(folder_or_file)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    eos = None
+    if (file.parent / "tokenizer_config.json").is_file():
+        eos = json.loads((file.parent / "tokenizer_config.json").read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    return Tokenizer(file, eos)

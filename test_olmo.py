@@ -291,3 +291,361 @@ def test_live_cross_check_against_transformers(d, tmp_path):
     cache = ours.new_cache(2, 20)
     stepped = torch.cat([ours(ids[:, :7], cache=cache)[0]] + [ours(ids[:, t:t + 1], cache=cache)[0] for t in range(7, 20)], 1)
     assert max_diff(stepped, expected) < F32_TOL
+
+
+# ---- checkpoint layouts ----------------------------------------------------------------------------------------
+
+SHARED_TOKENIZERS = Path(__file__).parent.parent / "shared" / "tokenizers"
+
+
+@pytest.mark.parametrize("case", ["ai2_olmo1", "ai2_olmo2"])
+def test_ai2_original_layout_matches_ai2_model(case):
+    # fixtures/make_ai2_fixtures.py: AI2's own OLMo code (ai2-olmo 0.6.0) made these weights and logits;
+    # ai2_olmo1 is the trainer's config.yaml + model.pt, ai2_olmo2 the hf_olmo config.json + model.safetensors
+    ref = reference(case)
+    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case)
+    assert model.config.model_type == {"ai2_olmo1": "olmo", "ai2_olmo2": "olmo2"}[case]
+    assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+
+
+def _save_bin(state, folder, shards):
+    """pytorch_model.bin, or shards with their index, as transformers 4 wrote them (torch.save of the state)."""
+    names = sorted(state)
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n].clone() for n in names[i::shards]}
+        torch.save(part, folder / file)
+        weight_map.update({n: file for n in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout", ["safetensors-shards", "bin", "bin-shards"])
+def test_checkpoint_layouts(layout, tmp_path):
+    case = "olmo2_gqa"
+    (tmp_path / "config.json").write_text((FIXTURES / case / "config.json").read_text())
+    state = olmo.read_safetensors(FIXTURES / case / "model.safetensors")
+    if layout == "safetensors-shards":
+        transformers = pytest.importorskip("transformers")
+        transformers.Olmo2ForCausalLM.from_pretrained(FIXTURES / case).save_pretrained(tmp_path, max_shard_size="100KB")
+        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    else:
+        _save_bin({k: v.clone() for k, v in state.items()}, tmp_path, shards=1 if layout == "bin" else 3)
+    ref = reference(case)
+    model = olmo.OlmoForCausalLM.from_pretrained(tmp_path)
+    assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+
+
+def test_load_converts_dtype_and_keeps_mmap_when_not_converting():
+    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(p.is_meta for p in model.parameters())
+    # every parameter is a view into ONE storage: the memory-mapped file, no copy was made
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+def _folder(tmp_path, case="olmo2"):
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((FIXTURES / case / f).read_bytes())
+    return tmp_path
+
+
+def _edit_config(folder, **changes):
+    c = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**c, **changes}))
+
+
+def _write_state(folder, state):
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+
+
+def test_load_errors_name_the_file_and_tensor(tmp_path):
+    load = olmo.OlmoForCausalLM.from_pretrained
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .*nope does not exist"):
+        load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load(tmp_path)
+    folder = _folder(tmp_path)
+    _edit_config(folder, model_type="llama")
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not an OLMo model"):
+        load(folder)
+    _edit_config(folder, model_type="olmo2", intermediate_size=80)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has shape "
+                                         r"\(96, 64\), the config expects \(80, 64\)"):
+        load(folder)
+    _edit_config(folder, intermediate_size=96)
+    state = dict(olmo.read_safetensors(folder / "model.safetensors"))
+    _write_state(folder, {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"} | {"extra.bias": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"(?s)model.safetensors: tensors do not match.*missing: model.layers.1.mlp.up_proj.weight"
+                                         r".*unexpected: extra.bias"):
+        load(folder)
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path):
+    folder = _folder(tmp_path)
+    data = (FIXTURES / "olmo2" / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor .* but the file has .*: truncated or corrupt"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(data[:8] + b"#" * 100 + data[108:])
+    with pytest.raises(ValueError, match="model.safetensors: corrupt safetensors header"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 50)
+    with pytest.raises(ValueError, match="model.safetensors: not a safetensors file"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="pytorch_model.bin: cannot be read as a PyTorch checkpoint"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="lists shard.* not in the folder: model-00001-of-00002.safetensors"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+
+
+def test_hub_ids(monkeypatch):
+    # no network here: the error says so and points to a local folder (an HF-cached snapshot would be used)
+    pytest.importorskip("huggingface_hub")
+    with pytest.raises(OSError, match="(?s)could not download 'allenai/no-such-olmo'.*pass a local checkpoint folder"):
+        olmo.OlmoForCausalLM.from_pretrained("allenai/no-such-olmo")
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-2-0425-1B")
+
+
+def test_ai2_config_refuses_unreleased_architectures():
+    c = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 100}
+    assert olmo.config_from_ai2(c, "x").model_type == "olmo"
+    with pytest.raises(ValueError, match=r"x: not a released OLMo architecture \(alibi=True\)"):
+        olmo.config_from_ai2({**c, "alibi": True}, "x")
+    with pytest.raises(ValueError, match="neither OLMo 1's nor OLMo 2's"):
+        olmo.config_from_ai2({**c, "layer_norm_type": "rms"}, "x")
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------------
+
+CORPUS = "\n".join([
+    "The quick brown fox jumps over the lazy dog. It's 9:30am; we'll see—don't you think? I'M SURE they'd agree.",
+    Path(__file__).read_text()[:4000],  # code
+    "def f(x):\n\tif x  >  0:\n\t\treturn   x**2\n\n\n    # indented comment   \r\n",
+    " " * 2 + "a" + " " * 7 + "b" + " " * 24 + "c" + " " * 25 + "d" + " " * 49 + "e\u00a0f\u2003g\u3000h",
+    "0 12 345 6789 3.14159 1,000,000 2026-11-26 +44 (0)20 7946 0958 ½ ² ٣٤٥",
+    "日本語のテキストです。中文文本，标点符号！한국어 텍스트입니다. ภาษาไทย Ελληνικά Русский текст",
+    "emoji 😀👍🏽👨‍👩‍👧‍👦🇫🇷 ✓ ∑ ∫ → ≠ ∞",
+    "RTL: مرحبا بالعالم، كيف حالك؟ שלום עולם! Mixed עברית and English.",
+    "combining: cafe\u0301 e\u0301\u0302 n\u0303 A\u030a \u1e9b\u0323 Å Ω",
+    "special: <|endoftext|> after <|pad|> and <|im_start|>user\nhi<|im_end|> |||EMAIL_ADDRESS||| <|padding|>",
+    "URLs https://example.com/a?b=c&d=e#f and emails someone@example.org",
+])
+
+
+@pytest.mark.parametrize("name", ["allenai_dolma2.json", "allenai_gpt-neox-olmo-dolma-v1_5.json",
+                                  "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"])
+def test_tokenizer_matches_the_tokenizers_library(name):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = SHARED_TOKENIZERS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the real tokenizer files live in ../shared/tokenizers)")
+    ours, ref = olmo.load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
+    for text in [CORPUS, *CORPUS.split("\n")]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text).ids, text[:60]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert ours.eos_token_id == {"allenai_dolma2.json": 100257}.get(name, 50279 if "v1_5" in name else 0)
+
+
+def test_tokenizer_errors_and_eos_from_tokenizer_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        olmo.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
+        olmo.load_tokenizer(tmp_path)
+    path = SHARED_TOKENIZERS / "allenai_dolma2.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    (tmp_path / "tokenizer.json").write_bytes(path.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|pad|>"}}))
+    assert olmo.load_tokenizer(tmp_path).eos_token_id == 100277
+
+
+# ---- sample.py -------------------------------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import sample  # noqa: E402
+
+TULU = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\\n' + m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
+        "{{ '<|assistant|>\\n' + m['content'] + eos_token + '\\n' }}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+E2E = {  # family: (tokenizer file, vocab rows, extra config)
+    "olmo": ("allenai_gpt-neox-olmo-dolma-v1_5.json", 50304, dict(clip_qkv=0.5, eos_token_id=50279, pad_token_id=1)),
+    "olmo2": ("allenai_dolma2.json", 100352, dict(num_key_value_heads=1, eos_token_id=100257, pad_token_id=100277)),
+    "olmo3": ("allenai_dolma2.json", 100278, dict(sliding_window=6, eos_token_id=100257, pad_token_id=100277,
+                                                   rope_scaling={**FIXTURE_YARN, "original_max_position_embeddings": 16})),
+}
+
+
+def e2e_checkpoint(family, folder, chat_template=None):
+    """A tiny random reference model saved with a real tokenizer, as a released checkpoint folder looks."""
+    transformers = pytest.importorskip("transformers")
+    tok_file, vocab, extra = E2E[family]
+    if not (SHARED_TOKENIZERS / tok_file).is_file():
+        pytest.skip(f"{SHARED_TOKENIZERS / tok_file} is absent")
+    cls, cfg = {"olmo": (transformers.OlmoForCausalLM, transformers.OlmoConfig),
+                "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config),
+                "olmo3": (transformers.Olmo3ForCausalLM, transformers.Olmo3Config)}[family]
+    config = cfg(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                 max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    for name, p in model.named_parameters():  # logits that spread, so greedy picks are far from ties
+        p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes((SHARED_TOKENIZERS / tok_file).read_bytes())
+    tok_config = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return cls
+
+
+def run_sample(*args, stdin=None):
+    return subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), *args], capture_output=True,
+                          text=True, input=stdin, timeout=120)
+
+
+def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
+    """The reference's greedy generate(): the new ids, without the final end-of-text if it stopped there."""
+    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos or model.config.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] in ([eos] if isinstance(eos, int) else eos or [model.config.eos_token_id]) else new
+
+
+@pytest.mark.parametrize("family,dtype", [("olmo", "float32"), ("olmo2", "float32"), ("olmo2", "bfloat16"),
+                                          ("olmo3", "float32")])
+def test_sample_greedy_equals_reference_generate(family, dtype, tmp_path):
+    cls = e2e_checkpoint(family, tmp_path)
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    prompt = "The history of the  Open Language Model ist ganz 日本語 interessant:"
+    new = reference_greedy(cls, tmp_path, tok.encode(prompt).ids, 40, getattr(torch, dtype))
+    assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
+    r = run_sample("--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40",
+                   "--dtype", dtype, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
+    assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
+
+
+@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])
+def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
+    e2e_checkpoint(family, tmp_path, chat_template=template)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    template_text, specials = sample.chat_template(tmp_path)
+    assert sample.render_chat(template_text, specials, "What is 2+2?") == expected
+    tokenizer = olmo.load_tokenizer(tmp_path)
+    assert tokenizer.encode(expected) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False)
+
+
+def test_chat_generation_stops_at_end_of_turn(tmp_path):
+    cls = e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
+    tokenizer = olmo.load_tokenizer(tmp_path)
+    im_end = tokenizer.added["<|im_end|>"]
+    config = olmo.read_config(tmp_path)
+    assert sample.stop_ids(tmp_path, config, tokenizer, chat=True) == {100257, im_end}
+    prompt = "Hello there"
+    text = sample.render_chat(CHATML, {}, prompt)
+    new = reference_greedy(cls, tmp_path, tokenizer.encode(text), 30, eos=[100257, im_end])
+    r = run_sample("--model", str(tmp_path), "--chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30",
+                   "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tokenizer.decode(new) + "\n"  # only the reply is printed
+
+
+def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):
+    path = SHARED_TOKENIZERS / "allenai_dolma2.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    tokenizer = olmo.load_tokenizer(path)
+    text = "naïve 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ok 👨‍👩‍👧 日本"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.decode_bytes([i]) for i in ids]
+    assert any(b"\xef\xbf\xbd" in p or not _valid_utf8(p) for p in pieces)  # some tokens split a character
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: iter(ids))
+    writes = []
+    monkeypatch.setattr(sys, "stdout", type("W", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
+    args = sample.parse_args(["--model", "x", "--device", "cpu", "--max-new-tokens", str(len(ids))])[1]
+    model = load("olmo2")
+    assert sample.stream(model, tokenizer, [5], args, set(), None)
+    assert "".join(writes) == text + "\n"
+    assert not any("\ufffd" in w for w in writes)
+
+
+def _valid_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {sample.sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
+    assert sample.sample_next(logits, 0).item() == 0
+    assert draws(top_k=2) == {0, 1}
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...: top_p=0.8 needs the first two, 0.6 only the first
+    assert p[0] < 0.8 < p[0] + p[1]
+    assert draws(top_p=0.8) == {0, 1}
+    assert draws(top_p=0.6) == {0}
+    assert draws() == {0, 1, 2, 3, 4}
+
+
+def test_prompt_from_stdin_and_file(tmp_path):
+    e2e_checkpoint("olmo2", tmp_path)
+    (tmp_path / "p.txt").write_text("From a file")
+    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"]
+    a = run_sample(*common, "--prompt-file", str(tmp_path / "p.txt"))
+    b = run_sample(*common, "--prompt", "-", stdin="From a file")
+    assert a.returncode == 0 and a.stdout.startswith("From a file") and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+    (["--max-new-tokens", "300"], "exceeds the model's context of 256 tokens"),
+    (["--chat"], "has no chat template"),
+])
+def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
+    e2e_checkpoint("olmo2", tmp_path)
+    r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
+    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
+    assert __import__("re").search(message, r.stderr), r.stderr
+
+
+def test_bad_model_is_a_one_line_error(tmp_path):
+    r = run_sample("--model", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr

@@ -1,0 +1,228 @@
+"""
+Generate text with an OLMo checkpoint.
+
+    python sample.py --model allenai/OLMo-2-0425-1B --prompt "Language models are"
+    python sample.py --model path/to/checkpoint --prompt - --temperature 0 < prompt.txt
+    python sample.py --model allenai/Olmo-3-1025-7B-Instruct --chat --prompt "Who are you?"
+"""
+
+import argparse
+import codecs
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import olmo
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).")
+    p.add_argument("--model", default="allenai/OLMo-2-0425-1B", help="checkpoint folder or Hugging Face Hub id")
+    p.add_argument("--prompt", default="", help="the prompt text; '-' reads it from stdin; empty: start a new document")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose probability reaches p")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 (float16 on mps)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        p.error("--max-new-tokens and --num-samples must be >= 1")
+    if args.prompt_file:
+        try:
+            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompt-file: {e}")
+    elif args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    try:
+        args.device = pick_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        p.error(f"--device {args.device}: {e}")
+    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.float16 if args.device.type == "mps" else torch.bfloat16)
+    return p, args
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)  # ValueError for an unknown name
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:  # drop everything below the k-th largest logit
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:  # keep the most likely tokens until their probability mass reaches top_p
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached p (keeps >= 1)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens."""
+    device = model.lm_head.weight.device
+    ids = torch.tensor([prompt_ids], device=device)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        token = next_id.item()  # the one host sync per step: we print the token now
+        yield token
+        if token in stop_ids:
+            return
+        logits, _ = model(next_id, cache=cache, last_only=True)  # decode: one token, keys from the cache
+
+
+# ---- chat template -------------------------------------------------------------------------------------------
+
+
+def chat_template(folder):
+    """The checkpoint's chat template (chat_template.jinja, or tokenizer_config.json's chat_template)
+    and the special tokens it may refer to (bos_token, eos_token, ...)."""
+    config = folder / "tokenizer_config.json"
+    config = json.loads(config.read_text()) if config.is_file() else {}
+    specials = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()
+                if k.endswith("_token") and isinstance(v, (str, dict))}
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(), specials
+    return config.get("chat_template"), specials
+
+
+def render_chat(template, specials, prompt):
+    """The user's prompt as one chat turn, ready for the assistant's reply; rendered as transformers does."""
+    from jinja2.ext import loopcontrols  # jinja2 comes with torch
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    messages = [{"role": "user", "content": prompt}]
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **specials)
+
+
+def stop_ids(folder, config, tokenizer, chat):
+    """End-of-text ids from the tokenizer, config.json and generation_config.json; with --chat, the
+    template's end-of-turn token too (ChatML's <|im_end|>; Tulu ends a turn with <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id, config.eos_token_id}
+    if (folder / "generation_config.json").is_file():
+        eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    if chat and "<|im_end|>" in tokenizer.added:
+        ids.add(tokenizer.added["<|im_end|>"])
+    return ids - {None}
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        folder = olmo.resolve_checkpoint(args.model)
+        tokenizer = olmo.load_tokenizer(folder)
+        t0 = time.perf_counter()
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+        load_s = time.perf_counter() - t0
+        template, specials = chat_template(folder) if args.chat else (None, {})
+    except (OSError, ValueError, ImportError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    if args.chat and not template:
+        parser.error(f"--chat: the checkpoint in {folder} has no chat template")
+    text = render_chat(template, specials, args.prompt) if args.chat else args.prompt
+    prompt_ids = tokenizer.encode(text)
+    if not prompt_ids:  # OLMo has no start token: begin a new document after an end-of-text token
+        if tokenizer.eos_token_id is None:
+            parser.error("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        prompt_ids = [tokenizer.eos_token_id]
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) + args.max_new_tokens > context:
+        parser.error(f"the prompt is {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} that "
+                     f"exceeds the model's context of {context} tokens")
+    stops = stop_ids(folder, model.config, tokenizer, args.chat)
+    generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+    print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}, {args.device}) in {load_s:.1f}s",
+          file=sys.stderr)
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        if not args.chat:  # echo the prompt, then stream the continuation after it
+            print(args.prompt, end="", flush=True)
+        if not stream(model, tokenizer, prompt_ids, args, stops, generator):
+            return 130
+    return 0
+
+
+def stream(model, tokenizer, prompt_ids, args, stops, generator):
+    """Print tokens as they come. A UTF-8 character can span tokens: the incremental decoder holds its
+    first bytes back until the rest arrives, so no broken character is ever printed."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    n, sync = 0, torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    t1, interrupted = t0, False
+    try:
+        for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              stops, generator):
+            if n == 0:
+                t1 = time.perf_counter()  # the prompt is processed and the first token sampled
+            n += 1
+            if token not in stops:
+                print(decoder.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    print(decoder.decode(b"", final=True), flush=True)
+    t2 = time.perf_counter()
+    prefill = len(prompt_ids) / (t1 - t0) if n else 0.0
+    decode = (n - 1) / (t2 - t1) if n > 1 else 0.0
+    if args.device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB GPU"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB RSS"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
+    if model.config.tie_word_embeddings:  # the head IS the embedding, and it is read every step
+        weights += model.model.embed_tokens.weight.nbytes
+    print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill:.1f} tok/s, "
+          f"decode {n} tokens at {decode:.1f} tok/s ({decode * weights / 1e9:.1f} GB/s of weights), peak {peak}",
+          file=sys.stderr)
+    return not interrupted
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,8 @@ and, where transformers is installed, against the reference classes directly."""
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,14 +341,45 @@ def test_checkpoint_layouts(layout, tmp_path):
     assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
 
 
-def test_load_converts_dtype_and_keeps_mmap_when_not_converting():
+def test_load_converts_dtype():
     model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not any(p.is_meta for p in model.parameters())
-    # every parameter is a view into ONE storage: the memory-mapped file, no copy was made
-    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+LOAD_PEAK = """
+import sys, torch, olmo
+def peak_kb():  # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+with torch.device("meta"):  # torch's one-time start-up memory (~70 MB of code and tables) before the baseline
+    olmo.OlmoForCausalLM(olmo.OlmoConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1))
+base = peak_kb()
+model = olmo.OlmoForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+print((peak_kb() - base) * 1024 / sum(p.nbytes for p in model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_holds_the_weights_once(dtype, tmp_path):
+    # a float32 checkpoint of ~190 MB, loaded as is and converted to bfloat16: the peak resident memory that
+    # loading adds stays near the loaded model's size (a second copy would show as 2x, or 3x when converting)
+    safetensors = pytest.importorskip("safetensors.torch")
+    config = olmo.OlmoConfig(model_type="olmo2", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
+                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
+    with torch.device("meta"):
+        names = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()}
+    safetensors.save_file({k: torch.randn(s) for k, s in names.items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.__dict__.items() if k != "attn_implementation"}))
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path), dtype], capture_output=True, text=True,
+                       cwd=Path(__file__).parent)
+    assert r.returncode == 0, r.stderr
+    ratio = float(r.stdout)
+    largest = max(s.numel() for s in names.values()) / sum(s.numel() for s in names.values())
+    limit = 1.1 + (2 * largest if dtype == "bfloat16" else 0)  # converting needs one float32 tensor at a time
+    assert ratio < limit, f"loading peaked at {ratio:.2f}x the model's size"
 
 
 def _folder(tmp_path, case="olmo2"):
@@ -477,9 +510,6 @@ def test_tokenizer_errors_and_eos_from_tokenizer_config(tmp_path):
 
 
 # ---- sample.py -------------------------------------------------------------------------------------------------
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import sample  # noqa: E402
 

@@ -1,0 +1,281 @@
+"""
+Benchmark olmo.py side by side with Hugging Face transformers, in one run, on identical weights.
+
+    python bench.py                                  # OLMo-2-0425-1B shape, random weights, bfloat16
+    python bench.py --model path/to/checkpoint       # a real checkpoint
+    python bench.py --model Olmo-3-1025-7B --device cuda --compile
+
+Measures decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
+memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
+machine's memory bandwidth, measured in this run. Without transformers it reports our numbers only.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import olmo
+import sample
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="OLMo-2-0425-1B", help="a preset name (random weights) or a checkpoint folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="the second decode batch size")
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    p.add_argument("--skip-load", action="store_true", help="skip the from_pretrained measurements")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement (best is kept)")
+    p.add_argument("--no-reference", action="store_true", help="do not run transformers even if installed")
+    p.add_argument("--load-child", nargs=3, metavar=("IMPL", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.device = sample.pick_device(args.device)
+    args.dtype = getattr(torch, args.dtype)
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats=3, warmup=True):
+    """Best wall time of fn() over repeats (after one warm-up call)."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def memory_bandwidth(device):
+    """Bytes/s the machine moves: a streaming read (sum) and a copy (read + write), on 1 GiB tensors."""
+    n = 256 * 1024 * 1024  # float32 elements: 1 GiB, far larger than any cache
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    read = a.nbytes / timed(lambda: a.sum(), device)
+    copy = 2 * a.nbytes / timed(lambda: b.copy_(a), device)
+    return read, copy
+
+
+# ---- a checkpoint on disk, written without extra packages ---------------------------------------------------
+
+
+def save_checkpoint(model, folder):
+    """config.json (Hugging Face keys) + model.safetensors, as a released checkpoint folder looks."""
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "attn_implementation" and v is not None}
+    config["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}[config["model_type"]]]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, v in state.items():
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for v in state.values():
+            f.write(v.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def load_child(impl, folder, dtype):
+    """Run in a fresh process: load, run one token (so lazily mapped weights are really read), report."""
+    dtype = getattr(torch, dtype)
+    t = time.perf_counter()
+    if impl == "ours":
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    loaded = time.perf_counter() - t
+    with torch.inference_mode():
+        model(torch.tensor([[1]]))
+    first = time.perf_counter() - t
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's peak (this benchmark's)
+    peak_kb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
+    print(json.dumps({"load_s": loaded, "load_and_first_token_s": first, "peak_rss_gb": peak_kb * 1024 / 1e9}))
+
+
+def measure_load(impl, folder, dtype):
+    r = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder), str(dtype).split(".")[1]],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"loading with {impl} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- the two implementations behind one small interface ------------------------------------------------------
+
+
+class Ours:
+    name = "olmo.py"
+
+    def __init__(self, folder, device, dtype, compile=False):
+        self.model = olmo.OlmoForCausalLM.from_pretrained(folder, device=device, dtype=dtype)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.device = device
+
+    @torch.inference_mode()
+    def decode(self, ids, n):  # greedy, n new tokens, batch = ids.shape[0]
+        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
+        logits, _ = self.forward(ids, cache=cache, last_only=True)
+        for _ in range(n - 1):
+            logits, _ = self.forward(logits.argmax(-1), cache=cache, last_only=True)
+        return logits.argmax(-1)
+
+    @torch.inference_mode()
+    def prefill(self, ids):
+        return self.forward(ids, last_only=True)[0]
+
+
+class Reference:
+    name = "transformers"
+
+    def __init__(self, folder, device, dtype):
+        import transformers
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+    @torch.inference_mode()
+    def decode(self, ids, n):
+        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+
+    @torch.inference_mode()
+    def prefill(self, ids):
+        return self.model(ids, logits_to_keep=1, use_cache=False).logits
+
+
+def decode_rate(impl, batch, args):
+    """Tokens/s of the decode steps alone: (time for n tokens - time for 1) / (n - 1): prefill cancels out."""
+    ids = torch.randint(0, 1000, (batch, args.prompt_len), device=args.device)
+    t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
+    t_n = timed(lambda: impl.decode(ids, args.new_tokens), args.device, repeats=1, warmup=False)
+    return batch * (args.new_tokens - 1) / (t_n - t_1)
+
+
+def prefill_rate(impl, args):
+    ids = torch.randint(0, 1000, (1, args.prefill_len), device=args.device)
+    return args.prefill_len / timed(lambda: impl.prefill(ids), args.device)
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    have_reference = not args.no_reference
+    if have_reference:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: reporting olmo.py alone", file=sys.stderr)
+            have_reference = False
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    read_bw, copy_bw = memory_bandwidth(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model)
+        if not folder.is_dir():  # a preset: random weights, saved so that both implementations load the same file
+            config = olmo.OlmoConfig.from_name(args.model)
+            with torch.device("meta"):
+                model = olmo.OlmoForCausalLM(config)
+            model = model.to_empty(device="cpu").to(args.dtype)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+            folder = Path(tmp)
+            save_checkpoint(model, folder)
+            del model
+        ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+        impls = {"ours": Ours(folder, args.device, args.dtype)}
+        if args.compile:
+            impls["ours+compile"] = Ours(folder, args.device, args.dtype, compile=True)
+        if have_reference:
+            impls["transformers"] = Reference(folder, args.device, args.dtype)
+        model = impls["ours"].model
+        per_token = sum(p.nbytes for p in model.parameters())  # decoding reads every weight once per token...
+        if not model.config.tie_word_embeddings:
+            per_token -= model.model.embed_tokens.weight.nbytes  # ...but only one row of the embedding table
+        # Alternate the implementations for every measurement and keep each one's best: on a shared machine
+        # the speed drifts by 10-20% over minutes, and back-to-back blocks would turn that drift into a ratio.
+        rows = {key: {} for key in impls}
+        measurements = [("decode_b1", lambda impl: decode_rate(impl, 1, args)),
+                        (f"decode_b{args.batch}", lambda impl: decode_rate(impl, args.batch, args)),
+                        ("prefill", lambda impl: prefill_rate(impl, args))]
+        for name, measure in measurements:
+            for _ in range(args.rounds):
+                read_bw, copy_bw = (max(a, b) for a, b in zip((read_bw, copy_bw), memory_bandwidth(args.device)))
+                for key, impl in impls.items():
+                    rows[key][name] = max(rows[key].get(name, 0.0), measure(impl))
+            print(f"{name}: " + ", ".join(f"{k} {r[name]:.2f}" for k, r in rows.items()), file=sys.stderr, flush=True)
+        for r in rows.values():
+            r["bandwidth"] = r["decode_b1"] * per_token
+        del impls, model
+        if not args.skip_load and args.device.type == "cpu":
+            for _ in range(args.rounds):
+                for key, child in [("ours", "ours"), ("transformers", "hf")]:
+                    if key in rows:
+                        m = measure_load(child, folder, args.dtype)
+                        for k, v in m.items():
+                            rows[key][k] = min(rows[key].get(k, float("inf")), v)
+    report(rows, args, device_name, read_bw, copy_bw, ckpt_gb, per_token)
+
+
+def report(rows, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
+    print(f"\n{args.model}, {str(args.dtype).split('.')[1]}, {device_name}, torch {torch.__version__}")
+    print(f"memory bandwidth (best of the run): read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s (read+write); "
+          f"weights read per decoded token: {per_token / 1e9:.2f} GB; checkpoint {ckpt_gb:.2f} GB")
+    keys = list(rows)
+    metrics = [("decode_b1", "decode tok/s, batch 1"), (f"decode_b{args.batch}", f"decode tok/s, batch {args.batch}"),
+               ("prefill", f"prefill tok/s, {args.prefill_len} tokens"), ("bandwidth", "decode weight bandwidth GB/s"),
+               ("load_s", "from_pretrained s"), ("load_and_first_token_s", "load + first token s"),
+               ("peak_rss_gb", "peak RSS GB")]
+    ref = rows.get("transformers")
+    print(f"\n{'':34s}" + "".join(f"{k:>16s}" for k in keys) + (f"{'ours/transformers':>20s}" if ref else ""))
+    for m, label in metrics:
+        if not any(m in r for r in rows.values()):
+            continue
+        scale = 1e-9 if m == "bandwidth" else 1
+        line = f"{label:34s}" + "".join(f"{r[m] * scale:16.2f}" if m in r else f"{'-':>16s}" for r in rows.values())
+        if ref and m in ref and m in rows["ours"]:
+            line += f"{rows['ours'][m] / ref[m]:20.2f}"
+        print(line)
+    ours = rows["ours"]
+    frac = ours["bandwidth"] / read_bw
+    print(f"\ndecode at batch 1 reads weights at {frac:.0%} of the measured read bandwidth "
+          f"({ours['bandwidth'] / copy_bw:.0%} of the copy bandwidth)")
+    key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1 {ours['decode_b1']:.2f} tok/s"
+    if ref:
+        key += f" ({ours['decode_b1'] / ref['decode_b1']:.2f}x transformers)"
+    key += f", {frac:.0%} of read bandwidth, prefill {ours['prefill']:.0f} tok/s"
+    if ref:
+        key += f" ({ours['prefill'] / ref['prefill']:.2f}x)"
+    if "peak_rss_gb" in ours:
+        key += f", load {ours['load_s']:.2f}s peak {ours['peak_rss_gb'] / ckpt_gb:.2f}x checkpoint"
+        if ref and "load_s" in ref:
+            key += f" (transformers {ref['load_s']:.2f}s, {ref['peak_rss_gb'] / ckpt_gb:.2f}x)"
+    print(key)
+
+
+if __name__ == "__main__":
+    if "--load-child" in sys.argv:
+        i = sys.argv.index("--load-child")
+        load_child(*sys.argv[i + 1:i + 4])
+    else:
+        main()

@@ -497,13 +497,18 @@ def read_safetensors(path, dtype=None):
             if end - begin != nbytes or 8 + n + end > size:
                 raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data (shape {shape}, "
                                  f"{info['dtype']}) but the file has {size - 8 - n}: truncated or corrupt")
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-            # several threads reading 16 MiB pieces are ~3x faster than one (page faults and copies overlap)
-            pieces = [(raw[i:i + (16 << 20)].numpy(), 8 + n + begin + i) for i in range(0, nbytes, 16 << 20)]
-            list(pool.map(lambda p: os.preadv(f.fileno(), [p[0]], p[1]), pieces))
-            t = raw.view(file_dtype).view(shape)
-            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            out[name] = _read_tensor(f, pool, 8 + n + begin, nbytes, file_dtype, shape, dtype)
     return out
+
+
+def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, dtype):
+    """One tensor from an open file; the file-dtype buffer is freed on return, before the next is read."""
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    # several threads reading 16 MiB pieces are ~3x faster than one (page faults and copies overlap)
+    pieces = [(raw[i:i + (16 << 20)].numpy(), offset + i) for i in range(0, nbytes, 16 << 20)]
+    list(pool.map(lambda p: os.preadv(f.fileno(), [p[0]], p[1]), pieces))
+    t = raw.view(file_dtype).view(shape)
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def load_model(name_or_folder, device=None, dtype=None):

@@ -402,12 +402,13 @@ class OlmoForCausalLM(nn.Module):
         return logits, loss
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
+        p = self.model.embed_tokens.weight
+        kv_heads = self.model.layers[0].self_attn.n_kv_head  # fewer than the config's under tensor parallelism
+        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype)
 
     @classmethod
-    def from_pretrained(cls, folder, device=None, dtype=None):
-        return load_model(folder, device=device, dtype=dtype)
+    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None):
+        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -420,10 +421,10 @@ class KVCache:
     Full-attention layers keep every time step t in slot t. Sliding-window layers keep a ring of the last
     `sliding_window` steps in slot t % window, so their memory stays bounded however long the text."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, kv_heads, device, dtype):
         self.max_len, self.length = max_len, 0
         sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
-        shape = lambda size: (batch_size, config.num_key_value_heads, size, config.head_dim)
+        shape = lambda size: (batch_size, kv_heads, size, config.head_dim)
         self.k = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]  # (B, KV, S, hd) per layer
         self.v = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]
 
@@ -511,14 +512,15 @@ def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def load_model(name_or_folder, device=None, dtype=None):
+def load_model(name_or_folder, device=None, dtype=None, mesh=None):
     """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B').
 
     A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
     model.safetensors.index.json, pytorch_model.bin (or its shards); or AI2's original layout (config.json of
     model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt).
     The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
-    the weights are never held twice. dtype None keeps the checkpoint's dtype."""
+    the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
+    split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight."""
     folder = resolve_checkpoint(name_or_folder)
     config = read_config(folder)
     files, source = checkpoint_files(folder)
@@ -529,6 +531,8 @@ def load_model(name_or_folder, device=None, dtype=None):
         state = convert_ai2_state_dict(state, config, source)
     with torch.device("meta"):  # parameters without memory: the checkpoint's tensors become the parameters
         model = OlmoForCausalLM(config)
+    if mesh is not None:
+        tensor_parallel(model, mesh)
     load_weights(model, state, source, device, dtype)
     return model.eval()
 
@@ -684,9 +688,61 @@ def load_weights(model, state, source, device=None, dtype=None):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
                              f"the config expects {tuple(p.shape)}")
         state[name] = state[name].to(device=device or "cpu", dtype=dtype or state[name].dtype)
+        if hasattr(p, "placements"):  # split across ranks (tensor_parallel): keep this rank's slice only
+            from torch.distributed.tensor import distribute_tensor
+            state[name] = distribute_tensor(state[name], p.device_mesh, p.placements, src_data_rank=None)
     model.load_state_dict(state, assign=True, strict=not tied)
     if tied:  # assign=True replaced the embedding Parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tensor parallelism: split each block across the devices of a 1-D DeviceMesh with PyTorch's DTensor
+
+
+class ShardedRMSNorm(RMSNorm):
+    """The QK-norm of a rank that holds only some heads: the mean square runs over the FULL width, so the
+    ranks all-reduce their sums of squares; the weight is sharded like the heads."""
+
+    def __init__(self, norm, mesh):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        self.weight = nn.Parameter(distribute_tensor(norm.weight.data, mesh, [Shard(0)]))
+        self.mesh, self.width = mesh, norm.weight.shape[0]
+
+    def forward(self, x):  # x: (B, T, width / ranks), this rank's heads
+        from torch.distributed._functional_collectives import all_reduce
+
+        xf = x.float()
+        squares = all_reduce(xf.pow(2).sum(-1, keepdim=True), "sum", self.mesh)
+        return (self.weight.to_local() * (xf * torch.rsqrt(squares / self.width + self.eps))).to(x.dtype)
+
+
+def tensor_parallel(model, mesh):
+    """Megatron-style tensor parallelism: q/k/v and gate/up split by output rows (each rank owns whole heads
+    and a slice of the MLP), o_proj and down_proj by input columns (their partial sums are all-reduced), an
+    untied lm_head by vocabulary rows (logits all-gathered). Embedding, residual stream and norms stay whole."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    c, n = model.config, mesh.size()
+    if c.num_attention_heads % n or c.num_key_value_heads % n:
+        raise ValueError(f"{n} ranks cannot split {c.num_attention_heads} query / {c.num_key_value_heads} key-value heads evenly")
+    plan = {}
+    for i in range(c.num_hidden_layers):
+        plan |= {f"model.layers.{i}.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
+        plan |= {f"model.layers.{i}.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")}
+        plan |= {f"model.layers.{i}.self_attn.o_proj": RowwiseParallel(), f"model.layers.{i}.mlp.down_proj": RowwiseParallel()}
+    if not c.tie_word_embeddings:  # a tied head is the embedding, which stays whole
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, mesh, plan)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.n_head, attn.n_kv_head = attn.n_head // n, attn.n_kv_head // n  # heads on this rank
+        if hasattr(attn, "q_norm"):
+            attn.q_norm, attn.k_norm = ShardedRMSNorm(attn.q_norm, mesh), ShardedRMSNorm(attn.k_norm, mesh)
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ Generate text with an OLMo checkpoint.
     python sample.py --model allenai/OLMo-2-0425-1B --prompt "Language models are"
     python sample.py --model path/to/checkpoint --prompt - --temperature 0 < prompt.txt
     python sample.py --model allenai/Olmo-3-1025-7B-Instruct --chat --prompt "Who are you?"
+    torchrun --nproc-per-node 2 sample.py --model allenai/OLMo-2-0325-32B --prompt "..."   # tensor parallel
 """
 
 import argparse
 import codecs
 import json
+import os
 import resource
 import sys
 import time
@@ -70,6 +72,20 @@ def pick_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def setup_tensor_parallel(device):
+    """Under torchrun (WORLD_SIZE > 1): one process per device, each holding a slice of every block.
+    Returns the DeviceMesh (None when alone) and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return None, device
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return init_device_mesh(device.type, (world,)), device  # the process group: nccl on GPUs, gloo on CPUs
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------
@@ -153,11 +169,20 @@ def stop_ids(folder, config, tokenizer, chat):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    mesh, args.device = setup_tensor_parallel(args.device)
+    if mesh is not None:
+        if mesh.get_rank() != 0:  # every rank computes, rank 0 alone prints
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = open(os.devnull, "w")
+        if args.seed is None:  # the ranks must sample the same tokens: one seed for all
+            seed = [torch.seed() % 2**31]
+            torch.distributed.broadcast_object_list(seed, src=0)
+            args.seed = seed[0]
     try:
         folder = olmo.resolve_checkpoint(args.model)
         tokenizer = olmo.load_tokenizer(folder)
         t0 = time.perf_counter()
-        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh)
         load_s = time.perf_counter() - t0
         template, specials = chat_template(folder) if args.chat else (None, {})
     except (OSError, ValueError, ImportError) as e:
@@ -225,4 +250,7 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

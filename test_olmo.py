@@ -679,3 +679,62 @@ def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
 def test_bad_model_is_a_one_line_error(tmp_path):
     r = run_sample("--model", str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+# ---- tensor parallelism ------------------------------------------------------------------------------------
+
+TP_WORKER = """
+import sys, torch, olmo
+from torch.distributed.device_mesh import init_device_mesh
+torch.set_grad_enabled(False)
+mesh = init_device_mesh("cpu", (2,))  # the process group comes from the environment: gloo on CPUs
+out = {}
+for case in sys.argv[2:]:
+    model = olmo.OlmoForCausalLM.from_pretrained(f"fixtures/{case}", mesh=mesh)
+    ids = torch.load(f"fixtures/{case}/reference.pt")["input_ids"]
+    cache = model.new_cache(2, 24)
+    stepped = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(7, 24)]
+    shares = {name: (p.to_local().numel(), p.numel()) for name, p in model.named_parameters() if hasattr(p, "to_local")}
+    out[case] = dict(logits=model(ids)[0], stepped=torch.cat(stepped, 1), shares=shares)
+torch.save(out, f"{sys.argv[1]}/rank{mesh.get_rank()}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensor_parallel_two_cpu_processes_match_one(tmp_path):
+    env = {**__import__("os").environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, str(tmp_path), *CASES], cwd=Path(__file__).parent,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for case in CASES:
+        ref, config = reference(case), olmo.read_config(FIXTURES / case)
+        for out in ranks:
+            assert max_diff(out[case]["logits"], ref["logits"]) < F32_TOL, case
+            assert max_diff(out[case]["stepped"], ref["logits"]) < F32_TOL, case
+            shares = out[case]["shares"]
+            # 7 projections per layer, the QK-norms of OLMo 2/3, the untied head: each rank holds exactly half
+            expected = config.num_hidden_layers * (7 + 2 * config.qk_norm) + (not config.tie_word_embeddings)
+            assert len(shares) == expected, (case, sorted(shares))
+            assert all(local * 2 == total for local, total in shares.values()), (case, shares)
+
+
+def test_torchrun_sample_generates_the_single_process_text(tmp_path):
+    e2e_checkpoint("olmo3", tmp_path)
+    args = ["--model", str(tmp_path), "--prompt", "Tensor parallel", "--temperature", "0", "--max-new-tokens", "20",
+            "--dtype", "float32", "--device", "cpu"]
+    single = run_sample(*args)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), str(Path(__file__).parent / "sample.py"), *args],
+                       capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == single.stdout  # rank 0 prints, once

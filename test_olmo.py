@@ -738,3 +738,23 @@ def test_torchrun_sample_generates_the_single_process_text(tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert single.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == single.stdout  # rank 0 prints, once
+
+
+# ---- notebooks -------------------------------------------------------------------------------------------------
+
+NOTEBOOKS = sorted((Path(__file__).parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_six_committed_notebooks_with_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+    for path in NOTEBOOKS:
+        outputs = [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+        assert outputs and not any(o.output_type == "error" for o in outputs), path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path):
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

@@ -250,7 +250,11 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while loading: stop quietly (during generation, stream() handles it)
+        print("interrupted", file=sys.stderr)
+        code = 130
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)

@@ -758,3 +758,16 @@ def test_notebook_runs(path):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    import signal
+    e2e_checkpoint("olmo2", tmp_path)
+    cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--prompt", "Hi",
+           "--max-new-tokens", "250", "--temperature", "1", "--dtype", "float32"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.read(2) == "Hi"  # the prompt is echoed once generation starts
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; prompt 1 tokens" in err  # the stats line still comes

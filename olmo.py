@@ -411,6 +411,16 @@ class OlmoForCausalLM(nn.Module):
         return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh)
 
 
+def compile_blocks(model):
+    """torch.compile every block: fuses the norms, RoPE and element-wise work of a step into few kernels (the
+    launch overhead that dominates small-batch decoding on a GPU). The model-level code (cache slots, masks)
+    stays eager: Inductor cannot compile its dynamic slot arithmetic yet. On a 2-core CPU this decodes SLOWER
+    (measured 5.0 vs 6.3 tok/s, OLMo-2 1B bf16), since torch.mv beats the compiled matmuls there."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)  # dynamic: the cache grows every step; one graph instead of one per length
+    return model
+
+
 # -----------------------------------------------------------------------------------------------------------
 # KV cache
 

@@ -553,7 +553,7 @@ def e2e_checkpoint(family, folder, chat_template=None):
 
 def run_sample(*args, stdin=None):
     return subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), *args], capture_output=True,
-                          text=True, input=stdin, timeout=120)
+                          text=True, input=stdin, timeout=300)
 
 
 def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
@@ -564,9 +564,10 @@ def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
     return new[:-1] if new and new[-1] in ([eos] if isinstance(eos, int) else eos or [model.config.eos_token_id]) else new
 
 
-@pytest.mark.parametrize("family,dtype", [("olmo", "float32"), ("olmo2", "float32"), ("olmo2", "bfloat16"),
-                                          ("olmo3", "float32")])
-def test_sample_greedy_equals_reference_generate(family, dtype, tmp_path):
+@pytest.mark.parametrize("family,dtype,extra", [("olmo", "float32", []), ("olmo2", "float32", []),
+                                                ("olmo2", "bfloat16", []), ("olmo3", "float32", []),
+                                                ("olmo3", "float32", ["--compile"])])
+def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path):
     cls = e2e_checkpoint(family, tmp_path)
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -574,7 +575,7 @@ def test_sample_greedy_equals_reference_generate(family, dtype, tmp_path):
     new = reference_greedy(cls, tmp_path, tok.encode(prompt).ids, 40, getattr(torch, dtype))
     assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
     r = run_sample("--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40",
-                   "--dtype", dtype, "--device", "cpu")
+                   "--dtype", dtype, "--device", "cpu", *extra)
     assert r.returncode == 0, r.stderr
     assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr

@@ -13,7 +13,6 @@ machine's memory bandwidth, measured in this run. Without transformers it report
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile

@@ -14,8 +14,10 @@ The three generations differ in a few lines, each behind one config flag:
 import json
 import math
 import os
+import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -791,10 +793,7 @@ class Tokenizer:
     OLMo 1), and added tokens (special tokens, and OLMo 1's runs of 2..24 spaces) are split out longest first."""
 
     def __init__(self, path, eos_token=None):
-        import re
-        import unicodedata
-
-        import tiktoken
+        import tiktoken  # imported here: `import olmo` stays quick for model-only use
 
         path = Path(path)
         try:

@@ -132,20 +132,19 @@ class Ours:
         self.model = olmo.OlmoForCausalLM.from_pretrained(folder, device=device, dtype=dtype)
         if compile:
             olmo.compile_blocks(self.model)
-        self.forward = self.model
         self.device = device
 
     @torch.inference_mode()
     def decode(self, ids, n):  # greedy, n new tokens, batch = ids.shape[0]
         cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
-        logits, _ = self.forward(ids, cache=cache, last_only=True)
+        logits, _ = self.model(ids, cache=cache, last_only=True)
         for _ in range(n - 1):
-            logits, _ = self.forward(logits.argmax(-1), cache=cache, last_only=True)
+            logits, _ = self.model(logits.argmax(-1), cache=cache, last_only=True)
         return logits.argmax(-1)
 
     @torch.inference_mode()
     def prefill(self, ids):
-        return self.forward(ids, last_only=True)[0]
+        return self.model(ids, last_only=True)[0]
 
 
 class Reference:

@@ -112,14 +112,7 @@ class OlmoConfig:
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_name(cls, name):
@@ -129,6 +122,16 @@ class OlmoConfig:
         if key is None:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[key])
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _preset(model_type, d, I, L, H, KV, ctx, vocab, **extra):
@@ -462,13 +465,13 @@ class KVCache:
         K, V = self.k[i], self.v[i]
         size, T = K.shape[2], k.shape[2]
         slots = torch.arange(self.length, self.length + T, device=K.device) % size
-        if self._wraps(size, T):
+        wraps = self._wraps(size, T)
+        if wraps:  # attend over the old ring and the whole chunk, taken before the write overwrites the ring
             keys, values = torch.cat([K, k], 2), torch.cat([V, v], 2)
-            K.index_copy_(2, slots[-size:], k[:, :, -size:])
-            V.index_copy_(2, slots[-size:], v[:, :, -size:])
+        K.index_copy_(2, slots[-size:], k[:, :, -size:])  # a chunk longer than the ring keeps only its tail
+        V.index_copy_(2, slots[-size:], v[:, :, -size:])
+        if wraps:
             return keys, values
-        K.index_copy_(2, slots, k)
-        V.index_copy_(2, slots, v)
         n = min(self.length + T, size)
         return K[:, :, :n], V[:, :, :n]
 
@@ -594,10 +597,7 @@ def read_config(folder):
     """OlmoConfig from config.json (Hugging Face, or AI2's 'hf_olmo'), or from AI2's trainer config.yaml."""
     path = folder / "config.json"
     if path.is_file():
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path)
         return config_from_ai2(d, str(path)) if d.get("model_type") == "hf_olmo" else OlmoConfig.from_dict(d, str(path))
     path = folder / "config.yaml"
     if path.is_file():
@@ -710,9 +710,9 @@ def load_weights(model, state, source, device=None, dtype=None):
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
+        listed = lambda label, names: f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
         raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
-                         + (f"\n  missing: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "") if missing else "")
-                         + (f"\n  unexpected: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "") if unexpected else ""))
+                         + listed("missing", missing) + listed("unexpected", unexpected))
     for name, p in expected.items():
         if tuple(state[name].shape) != tuple(p.shape):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "

@@ -7,12 +7,14 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
 
 Measures decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
-machine's memory bandwidth, measured in this run. Without transformers it reports our numbers only.
+machine's memory bandwidth, measured in this run (also step by step, each step paired with its own read, which
+cancels the drift of a shared machine). Without transformers it reports our numbers only.
 """
 
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,29 @@ class Ours:
     def prefill(self, ids):
         return self.model(ids, last_only=True)[0]
 
+    def stepper(self, ids, n):
+        """A function that decodes one more token (greedy) per call, n calls at most."""
+        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
+        with torch.inference_mode():
+            logits = [self.model(ids, cache=cache, last_only=True)[0]]
+
+        @torch.inference_mode()
+        def step():
+            logits[0] = self.model(logits[0].argmax(-1), cache=cache, last_only=True)[0]
+        return step
+
+    def weights_alone(self):
+        """A function that multiplies every weight matrix by a vector and does nothing else: the floor of a
+        decode step's time, for comparison with the step."""
+        mats = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = {n: torch.randn(n, device=mats[0].device, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
+
+        @torch.inference_mode()
+        def run():
+            for w in mats:
+                torch.mv(w, xs[w.shape[1]])
+        return run
+
 
 class Reference:
     name = "transformers"
@@ -164,16 +189,36 @@ class Reference:
         return self.model(ids, logits_to_keep=1, use_cache=False).logits
 
 
+def random_ids(args, shape):  # token ids that every vocabulary has
+    return torch.randint(0, min(1000, args.vocab_size), shape, device=args.device)
+
+
 def decode_rate(impl, batch, args):
     """Tokens/s of the decode steps alone: (time for n tokens - time for 1) / (n - 1): prefill cancels out."""
-    ids = torch.randint(0, 1000, (batch, args.prompt_len), device=args.device)
+    ids = random_ids(args, (batch, args.prompt_len))
     t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
     t_n = timed(lambda: impl.decode(ids, args.new_tokens), args.device, repeats=1, warmup=False)
     return batch * (args.new_tokens - 1) / (t_n - t_1)
 
 
+def paired_fractions(impl, args, per_token, steps=24):
+    """Decode steps at batch 1 as a fraction of the memory bandwidth, robust to drift: each step is timed right
+    after a 1 GiB read, and the fraction is the median over steps of (weight bytes / step time) / (read speed).
+    The same for the weight matrices alone, without the rest of the step (norms, RoPE, attention, cache)."""
+    buf = torch.ones(256 * 1024 * 1024, device=args.device)  # float32, 1 GiB
+    ids = random_ids(args, (1, args.prompt_len))
+    step, alone = impl.stepper(ids, steps + 2), impl.weights_alone()
+    step(), alone()  # warm-up
+    fractions = {"step": [], "weights alone": []}
+    for _ in range(steps):
+        for key, fn in (("step", step), ("weights alone", alone)):
+            read_s = timed(lambda: buf.sum(), args.device, repeats=1, warmup=False)
+            fractions[key].append((per_token / timed(fn, args.device, repeats=1, warmup=False)) / (buf.nbytes / read_s))
+    return {k: statistics.median(v) for k, v in fractions.items()}
+
+
 def prefill_rate(impl, args):
-    ids = torch.randint(0, 1000, (1, args.prefill_len), device=args.device)
+    ids = random_ids(args, (1, args.prefill_len))
     return args.prefill_len / timed(lambda: impl.prefill(ids), args.device)
 
 
@@ -204,6 +249,7 @@ def main():
             del model
         ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
         impls = {"ours": Ours(folder, args.device, args.dtype)}
+        args.vocab_size = impls["ours"].model.config.vocab_size
         if args.compile:
             impls["ours+compile"] = Ours(folder, args.device, args.dtype, compile=True)
         if have_reference:
@@ -226,6 +272,7 @@ def main():
             print(f"{name}: " + ", ".join(f"{k} {r[name]:.2f}" for k, r in rows.items()), file=sys.stderr, flush=True)
         for r in rows.values():
             r["bandwidth"] = r["decode_b1"] * per_token
+        paired = {key: paired_fractions(impl, args, per_token) for key, impl in impls.items() if key.startswith("ours")}
         del impls, model
         if not args.skip_load and args.device.type == "cpu":
             for _ in range(args.rounds):
@@ -234,10 +281,10 @@ def main():
                         m = measure_load(child, folder, args.dtype)
                         for k, v in m.items():
                             rows[key][k] = min(rows[key].get(k, float("inf")), v)
-    report(rows, args, device_name, read_bw, copy_bw, ckpt_gb, per_token)
+    report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token)
 
 
-def report(rows, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
+def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
     print(f"\n{args.model}, {str(args.dtype).split('.')[1]}, {device_name}, torch {torch.__version__}")
     print(f"memory bandwidth (best of the run): read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s (read+write); "
           f"weights read per decoded token: {per_token / 1e9:.2f} GB; checkpoint {ckpt_gb:.2f} GB")
@@ -257,13 +304,16 @@ def report(rows, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
             line += f"{rows['ours'][m] / ref[m]:20.2f}"
         print(line)
     ours = rows["ours"]
-    frac = ours["bandwidth"] / read_bw
-    print(f"\ndecode at batch 1 reads weights at {frac:.0%} of the measured read bandwidth "
-          f"({ours['bandwidth'] / copy_bw:.0%} of the copy bandwidth)")
+    print(f"\ndecode at batch 1, fraction of the read bandwidth: best rate / best bandwidth of the run "
+          f"{ours['bandwidth'] / read_bw:.0%} ({ours['bandwidth'] / copy_bw:.0%} of the copy bandwidth)")
+    for key, f in paired.items():
+        print(f"  {key}: each step timed right after a 1 GiB read, median of the pairs: {f['step']:.0%}; "
+              f"the weight matrices alone (torch.mv each, nothing else): {f['weights alone']:.0%}")
+    frac = paired["ours"]["step"]
     key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1 {ours['decode_b1']:.2f} tok/s"
     if ref:
         key += f" ({ours['decode_b1'] / ref['decode_b1']:.2f}x transformers)"
-    key += f", {frac:.0%} of read bandwidth, prefill {ours['prefill']:.0f} tok/s"
+    key += f", {frac:.0%} of read bandwidth (paired median), prefill {ours['prefill']:.0f} tok/s"
     if ref:
         key += f" ({ours['prefill'] / ref['prefill']:.2f}x)"
     if "peak_rss_gb" in ours:

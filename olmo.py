@@ -245,7 +245,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         d, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim, self.layer_idx = H, KV, hd, layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = H, KV, hd
         self.q_proj = Linear(d, H * hd)
         self.k_proj = Linear(d, KV * hd)
         self.v_proj = Linear(d, KV * hd)
@@ -258,7 +258,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if sliding else None
         self.eager = config.attn_implementation == "eager"
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, kv=None):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*hd), (B, T, KV*hd) x2
         if self.clip_qkv is not None:
@@ -269,8 +269,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd): past keys and these, S >= T
+        if kv is not None:  # this layer's LayerKV
+            k, v = kv.update(k, v)  # (B, KV, S, hd): past keys and these, S >= T
         if self.eager:
             y = self.attend(q, k, v, mask)
         else:  # the same math, fused (flash attention on GPU); GQA by broadcasting the KV heads
@@ -313,11 +313,11 @@ class Block(nn.Module):
             self.input_layernorm = LayerNorm()
             self.post_attention_layernorm = LayerNorm()
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, kv=None):
         if self.norm_after:
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, kv))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -350,16 +350,17 @@ class OlmoModel(nn.Module):
         else:  # a left-padded row starts counting positions at its first real token
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         # RoPE and the mask depend only on a layer's kind (full or sliding): compute each kind once
+        layer_kvs = cache.layers if cache is not None else [None] * len(self.layers)
         kinds = {}
-        for layer in self.layers:
+        for layer, kv in zip(self.layers, layer_kvs):
             window = layer.self_attn.sliding_window
             if window not in kinds:
                 yarn = window is None and self.config.rope_scaling is not None  # YaRN on full layers only
-                key_t = cache.key_times(layer.self_attn.layer_idx, T) if cache is not None else t
+                key_t = kv.key_times(T) if kv is not None else t
                 kinds[window] = (*rope_cos_sin(self.config, yarn, pos), make_mask(t, key_t, window, attention_mask))
         x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
-        for layer in self.layers:
-            x = layer(x, *kinds[layer.self_attn.sliding_window], cache)
+        for layer, kv in zip(self.layers, layer_kvs):
+            x = layer(x, *kinds[layer.self_attn.sliding_window], kv)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -418,9 +419,11 @@ class OlmoForCausalLM(nn.Module):
 
 def compile_blocks(model):
     """torch.compile every block: fuses the norms, RoPE and element-wise work of a step into few kernels (the
-    launch overhead that dominates small-batch decoding on a GPU). The model-level code (cache slots, masks)
-    stays eager: Inductor cannot compile its dynamic slot arithmetic yet. On a 2-core CPU it made no reliable
-    difference (OLMo-2 1B bf16: 5.0 vs 6.3 tok/s eager in one run, 7.2 vs 7.1 in another)."""
+    launch overhead that dominates small-batch decoding on a GPU). All blocks share one graph, because a block
+    gets its own LayerKV rather than a layer index. The model-level code (cache slots, masks) stays eager:
+    Inductor fails on its dynamic ring-slot arithmetic. On a 2-core CPU it does not speed up decoding (OLMo-2
+    1B bf16, steps interleaved with eager ones: 65-67% vs 65-75% of the read bandwidth): a step is the weight
+    stream, and Inductor's generated matrix-vector loops stream it no faster than torch.mv."""
     for layer in model.model.layers:
         layer.compile(dynamic=True)  # dynamic: the cache grows every step; one graph instead of one per length
     return model
@@ -439,40 +442,46 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, kv_heads, device, dtype):
         self.max_len, self.length = max_len, 0
         sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
-        shape = lambda size: (batch_size, kv_heads, size, config.head_dim)
-        self.k = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]  # (B, KV, S, hd) per layer
-        self.v = [torch.zeros(shape(s), device=device, dtype=dtype) for s in sizes]
+        self.layers = [LayerKV(self, (batch_size, kv_heads, s, config.head_dim), device, dtype) for s in sizes]
 
-    def _wraps(self, size, T):  # would writing T tokens overwrite keys that this chunk's own queries need?
-        return T > 1 and self.length + T > size
 
-    def key_times(self, i, T):
-        """Time step of each key that layer i attends over in a step of T new tokens (-1: empty slot)."""
-        size, L = self.k[i].shape[2], self.length + T
-        dev = self.k[i].device
-        if self._wraps(size, T):  # old ring contents followed by the whole new chunk
-            old = self._slot_times(size, self.length, dev)
-            return torch.cat([old, torch.arange(self.length, L, device=dev)])
-        return self._slot_times(size, L, dev)[: min(L, size)]
+class LayerKV:
+    """One layer's part of a KVCache. Each layer gets its own object rather than an index into the cache, so
+    that a compiled block is one graph for all layers (an index would be a constant baked into each graph)."""
+
+    def __init__(self, cache, shape, device, dtype):
+        self.cache = cache  # for the shared length: the number of time steps already stored
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, KV, S, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def _wraps(self, T):  # would writing T tokens overwrite keys that this chunk's own queries need?
+        return T > 1 and self.cache.length + T > self.k.shape[2]
+
+    def key_times(self, T):
+        """Time step of each key attended over in a step of T new tokens (-1: empty slot)."""
+        size, past, dev = self.k.shape[2], self.cache.length, self.k.device
+        if self._wraps(T):  # old ring contents followed by the whole new chunk
+            return torch.cat([self._slot_times(size, past, dev), torch.arange(past, past + T, device=dev)])
+        return self._slot_times(size, past + T, dev)[: min(past + T, size)]
 
     @staticmethod
     def _slot_times(size, L, device):  # after L steps, slot s holds the latest t < L with t % size == s
         s = torch.arange(size, device=device)
         return torch.where(s < L, s + (L - 1 - s).clamp(min=0) // size * size, -1)
 
-    def update(self, i, k, v):
-        """Store this step's k, v (B, KV, T, hd) for layer i; return the keys and values to attend over."""
-        K, V = self.k[i], self.v[i]
+    def update(self, k, v):
+        """Store this step's k, v (B, KV, T, hd); return the keys and values to attend over."""
+        K, V, past = self.k, self.v, self.cache.length
         size, T = K.shape[2], k.shape[2]
-        slots = torch.arange(self.length, self.length + T, device=K.device) % size
-        wraps = self._wraps(size, T)
+        slots = torch.arange(past, past + T, device=K.device) % size
+        wraps = self._wraps(T)
         if wraps:  # attend over the old ring and the whole chunk, taken before the write overwrites the ring
             keys, values = torch.cat([K, k], 2), torch.cat([V, v], 2)
         K.index_copy_(2, slots[-size:], k[:, :, -size:])  # a chunk longer than the ring keeps only its tail
         V.index_copy_(2, slots[-size:], v[:, :, -size:])
         if wraps:
             return keys, values
-        n = min(self.length + T, size)
+        n = min(past + T, size)
         return K[:, :, :n], V[:, :, :n]
 
 
@@ -489,8 +498,9 @@ def read_safetensors(path, convert=None):
     convert(name, tensor) (to a dtype, a device, a rank's slice) before the next is read: the peak is one model
     plus one tensor.
     Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data.
-    Why not mmap: file-backed pages are 4 KiB, anonymous memory gets huge pages, and decoding, which streams
-    every weight once per token, measured ~35% faster from the latter (7.5 vs 5.5 tok/s, OLMo-2 1B on CPU)."""
+    Why read rather than mmap: one path converts every tensor as it arrives (dtype, device, a rank's slice),
+    and the weights cannot be evicted back to disk like page-cache pages. Decoding from either is equally fast
+    (OLMo-2 1B bf16 on CPU, steps interleaved: 67-69% vs 69-74% of the read bandwidth)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f, ThreadPoolExecutor(4) as pool:

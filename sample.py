@@ -37,7 +37,7 @@ def parse_args(argv=None):
                    help="auto: bfloat16 (float16 on mps)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the blocks (faster decoding on GPUs; slower on small CPUs; compiling takes a minute)")
+                   help="torch.compile the blocks (meant for GPUs: no gain on a small CPU; compiling takes a minute)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")

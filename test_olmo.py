@@ -109,10 +109,33 @@ def test_cached_decoding_equals_full_forward(case, chunks, attn):
     assert cache.length == 24
 
 
+def test_compiled_blocks_share_one_graph_and_match_eager():
+    # 10 layers, more than torch's recompile limit (8): had each layer compiled its own graph, the rest would
+    # silently run eagerly. Graphs: the prefill, decode steps while a ring still has room, decode steps after.
+    from torch._dynamo.utils import counters
+
+    config = copy.deepcopy(load("olmo3").config)
+    config.num_hidden_layers, config.layer_types = 10, None
+    config.__post_init__()  # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
+    torch.manual_seed(0)
+    eager = olmo.OlmoForCausalLM(config).eval()
+    compiled = olmo.compile_blocks(copy.deepcopy(eager))
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, config.vocab_size, (2, 18))
+    outs = []
+    for model in (eager, compiled):  # prefill 6 tokens, then decode 12 one by one: the rings wrap
+        cache = model.new_cache(2, 18)
+        steps = [model(ids[:, :6], cache=cache)[0]] + [model(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
+        outs.append(torch.cat(steps, 1))
+    assert max_diff(outs[0], outs[1]) < F32_TOL
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+
+
 def test_sliding_layers_keep_only_the_window():
     model = load("olmo3")
     cache = model.new_cache(2, 100)
-    sizes = [k.shape[2] for k in cache.k]
+    sizes = [kv.k.shape[2] for kv in cache.layers]
     assert sizes == [8, 8, 8, 100]  # layer_types: sliding, sliding, sliding, full
 
 
@@ -580,6 +603,22 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-reference"]])
+def test_bench_runs_and_reports(extra):
+    # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
+                        "--dtype", "float32", "--device", "cpu", "--rounds", "1", "--new-tokens", "4",
+                        "--prefill-len", "8", "--batch", "2", *extra], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
+    import importlib.util
+
+    with_reference = not extra and importlib.util.find_spec("transformers") is not None
+    assert ("transformers" in lines[-1]) == with_reference
+    assert any(line.startswith("peak RSS GB") for line in lines) and "weight matrices alone" in r.stdout
 
 
 @pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])

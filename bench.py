@@ -136,20 +136,17 @@ class Ours:
             olmo.compile_blocks(self.model)
         self.device = device
 
-    @torch.inference_mode()
-    def decode(self, ids, n):  # greedy, n new tokens, batch = ids.shape[0]
-        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
-        logits, _ = self.model(ids, cache=cache, last_only=True)
+    def decode(self, ids, n):  # greedy, n new tokens (the prefill gives the first), batch = ids.shape[0]
+        step = self.stepper(ids, n)
         for _ in range(n - 1):
-            logits, _ = self.model(logits.argmax(-1), cache=cache, last_only=True)
-        return logits.argmax(-1)
+            step()
 
     @torch.inference_mode()
     def prefill(self, ids):
         return self.model(ids, last_only=True)[0]
 
     def stepper(self, ids, n):
-        """A function that decodes one more token (greedy) per call, n calls at most."""
+        """Prefill ids, then return a function that decodes one more token (greedy) per call, n calls at most."""
         cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
         with torch.inference_mode():
             logits = [self.model(ids, cache=cache, last_only=True)[0]]
@@ -208,7 +205,8 @@ def paired_fractions(impl, args, per_token, steps=24):
     buf = torch.ones(256 * 1024 * 1024, device=args.device)  # float32, 1 GiB
     ids = random_ids(args, (1, args.prompt_len))
     step, alone = impl.stepper(ids, steps + 2), impl.weights_alone()
-    step(), alone()  # warm-up
+    step()  # warm-up
+    alone()
     fractions = {"step": [], "weights alone": []}
     for _ in range(steps):
         for key, fn in (("step", step), ("weights alone", alone)):

@@ -2,7 +2,10 @@
 and, where transformers is installed, against the reference classes directly."""
 
 import copy
+import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -473,7 +476,7 @@ def test_hub_ids(monkeypatch):
     pytest.importorskip("huggingface_hub")
     with pytest.raises(OSError, match="(?s)could not download 'allenai/no-such-olmo'.*pass a local checkpoint folder"):
         olmo.OlmoForCausalLM.from_pretrained("allenai/no-such-olmo")
-    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-2-0425-1B")
 
@@ -614,8 +617,6 @@ def test_bench_runs_and_reports(extra):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
-    import importlib.util
-
     with_reference = not extra and importlib.util.find_spec("transformers") is not None
     assert ("transformers" in lines[-1]) == with_reference
     assert any(line.startswith("peak RSS GB") for line in lines) and "weight matrices alone" in r.stdout
@@ -714,7 +715,7 @@ def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
     e2e_checkpoint("olmo2", tmp_path)
     r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
     assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
-    assert __import__("re").search(message, r.stderr), r.stderr
+    assert re.search(message, r.stderr), r.stderr
 
 
 def test_bad_model_is_a_one_line_error(tmp_path):
@@ -750,7 +751,7 @@ def _free_port():
 
 
 def test_tensor_parallel_two_cpu_processes_match_one(tmp_path):
-    env = {**__import__("os").environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, str(tmp_path), *CASES], cwd=Path(__file__).parent,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(2)]

@@ -8,7 +8,8 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
 Measures decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
 machine's memory bandwidth, measured in this run (also step by step, each step paired with its own read, which
-cancels the drift of a shared machine). Without transformers it reports our numbers only.
+cancels the drift of a shared machine). Without transformers it reports our numbers only. On a GPU it also
+times decoding replayed from a CUDA graph ("+graph"), eager and (with --compile) compiled.
 """
 
 import argparse
@@ -47,32 +48,42 @@ def parse_args():
     return args
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def elapsed(fn, device):
+    """Seconds that fn() takes. On a GPU, between CUDA events: a GPU reads 1 GiB in a quarter of a millisecond,
+    and the host's timer and synchronisation would add tens of microseconds to that."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def timed(fn, device, repeats=3, warmup=True):
-    """Best wall time of fn() over repeats (after one warm-up call)."""
+    """Best time of fn() over repeats (after one warm-up call)."""
     if warmup:
         fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(elapsed(fn, device) for _ in range(repeats))
+
+
+def reads(device):
+    """How many 1 GiB passes make one bandwidth measurement: one on a CPU (~50 ms), 20 on a GPU, whose single
+    pass (~0.25 ms) is too short to keep its clocks up."""
+    return 20 if device.type == "cuda" else 1
 
 
 def memory_bandwidth(device):
     """Bytes/s the machine moves: a streaming read (sum) and a copy (read + write), on 1 GiB tensors."""
-    n = 256 * 1024 * 1024  # float32 elements: 1 GiB, far larger than any cache
+    n, r = 256 * 1024 * 1024, reads(device)  # float32 elements: 1 GiB, far larger than any cache
     a = torch.ones(n, device=device)
     b = torch.empty_like(a)
-    read = a.nbytes / timed(lambda: a.sum(), device)
-    copy = 2 * a.nbytes / timed(lambda: b.copy_(a), device)
+    read = r * a.nbytes / timed(lambda: [a.sum() for _ in range(r)], device)
+    copy = r * 2 * a.nbytes / timed(lambda: [b.copy_(a) for _ in range(r)], device)
     return read, copy
 
 
@@ -95,7 +106,7 @@ def save_checkpoint(model, folder):
     with open(folder / "model.safetensors", "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for v in state.values():
-            f.write(v.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(v.contiguous().view(torch.uint8).cpu().numpy().tobytes())
 
 
 def load_child(impl, folder, dtype):
@@ -130,16 +141,8 @@ def measure_load(impl, folder, dtype):
 class Ours:
     name = "olmo.py"
 
-    def __init__(self, folder, device, dtype, compile=False):
-        self.model = olmo.OlmoForCausalLM.from_pretrained(folder, device=device, dtype=dtype)
-        if compile:
-            olmo.compile_blocks(self.model)
-        self.device = device
-
-    def decode(self, ids, n):  # greedy, n new tokens (the prefill gives the first), batch = ids.shape[0]
-        step = self.stepper(ids, n)
-        for _ in range(n - 1):
-            step()
+    def __init__(self, model, cuda_graph=False):
+        self.model, self.cuda_graph = model, cuda_graph
 
     @torch.inference_mode()
     def prefill(self, ids):
@@ -147,13 +150,18 @@ class Ours:
 
     def stepper(self, ids, n):
         """Prefill ids, then return a function that decodes one more token (greedy) per call, n calls at most."""
-        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + n)
+        model = self.model
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + n, static=self.cuda_graph)
+        if self.cuda_graph:
+            forward = olmo.cuda_graph_decoder(model, cache)
+        else:
+            forward = lambda token: model(token, cache=cache, last_only=True)[0]
         with torch.inference_mode():
-            logits = [self.model(ids, cache=cache, last_only=True)[0]]
+            logits = [model(ids, cache=cache, last_only=True)[0]]
 
         @torch.inference_mode()
         def step():
-            logits[0] = self.model(logits[0].argmax(-1), cache=cache, last_only=True)[0]
+            logits[0] = forward(logits[0].argmax(-1))
         return step
 
     def weights_alone(self):
@@ -190,12 +198,21 @@ def random_ids(args, shape):  # token ids that every vocabulary has
     return torch.randint(0, min(1000, args.vocab_size), shape, device=args.device)
 
 
+WARMUP_STEPS = 3  # enough for compiling, cuBLAS's set-up and, with a CUDA graph, its recording (third step)
+
+
 def decode_rate(impl, batch, args):
-    """Tokens/s of the decode steps alone: (time for n tokens - time for 1) / (n - 1): prefill cancels out."""
-    ids = random_ids(args, (batch, args.prompt_len))
-    t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
-    t_n = timed(lambda: impl.decode(ids, args.new_tokens), args.device, repeats=1, warmup=False)
-    return batch * (args.new_tokens - 1) / (t_n - t_1)
+    """Tokens/s of the decode steps alone, the prefill left out. transformers: generate() as a user calls it,
+    (time for n tokens - time for 1) / (n - 1). Ours: n - 1 steps timed after the warm-up steps."""
+    ids, n = random_ids(args, (batch, args.prompt_len)), args.new_tokens
+    if isinstance(impl, Reference):
+        t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
+        t_n = timed(lambda: impl.decode(ids, n), args.device, repeats=1, warmup=False)
+        return batch * (n - 1) / (t_n - t_1)
+    step = impl.stepper(ids, WARMUP_STEPS + n - 1)
+    for _ in range(WARMUP_STEPS):
+        step()
+    return batch * (n - 1) / elapsed(lambda: [step() for _ in range(n - 1)], args.device)
 
 
 def paired_fractions(impl, args, per_token, steps=24):
@@ -204,14 +221,16 @@ def paired_fractions(impl, args, per_token, steps=24):
     The same for the weight matrices alone, without the rest of the step (norms, RoPE, attention, cache)."""
     buf = torch.ones(256 * 1024 * 1024, device=args.device)  # float32, 1 GiB
     ids = random_ids(args, (1, args.prompt_len))
-    step, alone = impl.stepper(ids, steps + 2), impl.weights_alone()
-    step()  # warm-up
+    step, alone = impl.stepper(ids, WARMUP_STEPS + steps), impl.weights_alone()
+    for _ in range(WARMUP_STEPS):
+        step()
     alone()
     fractions = {"step": [], "weights alone": []}
+    r = reads(args.device)
     for _ in range(steps):
         for key, fn in (("step", step), ("weights alone", alone)):
-            read_s = timed(lambda: buf.sum(), args.device, repeats=1, warmup=False)
-            fractions[key].append((per_token / timed(fn, args.device, repeats=1, warmup=False)) / (buf.nbytes / read_s))
+            read_s = elapsed(lambda: [buf.sum() for _ in range(r)], args.device) / r
+            fractions[key].append((per_token / elapsed(fn, args.device)) / (buf.nbytes / read_s))
     return {k: statistics.median(v) for k, v in fractions.items()}
 
 
@@ -238,7 +257,7 @@ def main():
             config = olmo.OlmoConfig.from_name(args.model)
             with torch.device("meta"):
                 model = olmo.OlmoForCausalLM(config)
-            model = model.to_empty(device="cpu").to(args.dtype)
+            model = model.to_empty(device=args.device).to(args.dtype)  # on a GPU: seconds rather than a minute for 7B
             with torch.no_grad():
                 for p in model.parameters():
                     p.normal_(0, 0.02)
@@ -246,10 +265,13 @@ def main():
             save_checkpoint(model, folder)
             del model
         ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
-        impls = {"ours": Ours(folder, args.device, args.dtype)}
+        load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
+        impls, cuda = {"ours": Ours(load())}, args.device.type == "cuda"
         args.vocab_size = impls["ours"].model.config.vocab_size
+        if cuda:  # the same model, its decode steps replayed from a CUDA graph
+            impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
         if args.compile:
-            impls["ours+compile"] = Ours(folder, args.device, args.dtype, compile=True)
+            impls["ours+compile+graph" if cuda else "ours+compile"] = Ours(olmo.compile_blocks(load()), cuda_graph=cuda)
         if have_reference:
             impls["transformers"] = Reference(folder, args.device, args.dtype)
         model = impls["ours"].model
@@ -307,11 +329,12 @@ def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token
     for key, f in paired.items():
         print(f"  {key}: each step timed right after a 1 GiB read, median of the pairs: {f['step']:.0%}; "
               f"the weight matrices alone (torch.mv each, nothing else): {f['weights alone']:.0%}")
-    frac = paired["ours"]["step"]
-    key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1 {ours['decode_b1']:.2f} tok/s"
-    if ref:
-        key += f" ({ours['decode_b1'] / ref['decode_b1']:.2f}x transformers)"
-    key += f", {frac:.0%} of read bandwidth (paired median), prefill {ours['prefill']:.0f} tok/s"
+    key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1"
+    for name, f in paired.items():  # each of our variants: tok/s (ratio to transformers, paired bandwidth fraction)
+        key += f" {name} {rows[name]['decode_b1']:.2f} tok/s ("
+        key += f"{rows[name]['decode_b1'] / ref['decode_b1']:.2f}x transformers, " if ref else ""
+        key += f"{f['step']:.0%} of read bandwidth paired),"
+    key += f" prefill {ours['prefill']:.0f} tok/s"
     if ref:
         key += f" ({ours['prefill'] / ref['prefill']:.2f}x)"
     if "peak_rss_gb" in ours:

@@ -184,14 +184,15 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias. Decoding one token is a matrix-VECTOR product: torch.mv streams the weight
-    ~25% faster than the one-row matmul that F.linear runs on CPU (bf16), and decode speed is that stream."""
+    """nn.Linear without bias. Decoding one token on a CPU is a matrix-VECTOR product: torch.mv streams the weight
+    ~25% faster than the one-row matmul that F.linear runs there (bf16), and decode speed is that stream. Not on a
+    GPU: cuBLAS does as well either way, and torch.compile turns torch.mv into slower kernels of its own."""
 
     def __init__(self, fan_in, fan_out):
         super().__init__(fan_in, fan_out, bias=False)
 
     def forward(self, x):
-        if x.numel() == x.shape[-1]:  # a single row
+        if x.numel() == x.shape[-1] and x.device.type == "cpu":  # a single row
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
@@ -223,10 +224,9 @@ def rope_frequencies(config, yarn):
     return inv_freq, attention_factor
 
 
-def rope_cos_sin(config, yarn, pos):
+def rope_cos_sin(inv_freq, scale, pos):
     """pos (B, T) integer positions -> cos, sin (B, 1, T, hd) in float32."""
-    inv_freq, scale = rope_frequencies(config, yarn)  # 64 numbers: recomputed so they stay float32 always
-    freqs = pos[..., None].float() * inv_freq.to(pos.device)  # (B, T, hd/2)
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos() * scale, emb.sin() * scale
 
@@ -334,6 +334,15 @@ class OlmoModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else LayerNorm()
+        self.inv_freqs = {}  # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
+
+    def rope(self, yarn, device):
+        """Made in float32 on the CPU, as the reference makes them, and copied to the device once: a copy every
+        step would make the host wait for the GPU, and could not be recorded in a CUDA graph."""
+        if (yarn, device) not in self.inv_freqs:
+            inv_freq, scale = rope_frequencies(self.config, yarn)
+            self.inv_freqs[yarn, device] = inv_freq.to(device), scale
+        return self.inv_freqs[yarn, device]
 
     def forward(self, input_ids, cache=None, attention_mask=None):
         """input_ids (B, T). With a cache, these tokens follow the cache.length tokens already in it.
@@ -344,7 +353,8 @@ class OlmoModel(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {past} are in it and {T} more do not fit")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}")
-        t = torch.arange(past, past + T, device=input_ids.device)  # time step of each new token
+        start = cache.past() if cache is not None else 0  # past, or its device copy in a static cache
+        t = start + torch.arange(T, device=input_ids.device)  # time step of each new token
         if attention_mask is None:
             pos = t[None]  # (1, T) positions for RoPE
         else:  # a left-padded row starts counting positions at its first real token
@@ -357,12 +367,13 @@ class OlmoModel(nn.Module):
             if window not in kinds:
                 yarn = window is None and self.config.rope_scaling is not None  # YaRN on full layers only
                 key_t = kv.key_times(T) if kv is not None else t
-                kinds[window] = (*rope_cos_sin(self.config, yarn, pos), make_mask(t, key_t, window, attention_mask))
+                cos_sin = rope_cos_sin(*self.rope(yarn, pos.device), pos)
+                kinds[window] = (*cos_sin, make_mask(t, key_t, window, attention_mask))
         x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
         for layer, kv in zip(self.layers, layer_kvs):
             x = layer(x, *kinds[layer.self_attn.sliding_window], kv)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
 
@@ -407,10 +418,10 @@ class OlmoForCausalLM(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+    def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
         p = self.model.embed_tokens.weight
         kv_heads = self.model.layers[0].self_attn.n_kv_head  # fewer than the config's under tensor parallelism
-        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype)
+        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
 
     @classmethod
     def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None):
@@ -429,6 +440,35 @@ def compile_blocks(model):
     return model
 
 
+def cuda_graph_decoder(model, cache):
+    """A function for decode steps, token ids (B, 1) -> next-token logits (B, 1, vocab), that records the step
+    as a CUDA graph on its third call and from then on replays it. At small batch a GPU decode step is hundreds
+    of small kernels whose launches take longer than their work; a replay launches them all at once. The first
+    two calls run normally: they compile (after compile_blocks) and set up cuBLAS, which recording cannot do.
+    A replay returns the same tensor every time, overwritten by the next step."""
+    if not cache.static:
+        raise ValueError("a CUDA graph replays fixed shapes: make the cache with new_cache(..., static=True)")
+    graph, calls, token_in, logits_out = torch.cuda.CUDAGraph(), 0, None, None
+
+    def step(token):
+        nonlocal calls, token_in, logits_out
+        calls += 1
+        if calls < 3:
+            return model(token, cache=cache, last_only=True)[0]
+        if token_in is None:  # record: forward's Python runs (so the host-side length advances), its kernels wait
+            token_in = token.clone()
+            with torch.cuda.graph(graph):
+                logits_out = model(token_in, cache=cache, last_only=True)[0]
+        elif cache.length >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length} are in it and 1 more does not fit")
+        else:
+            cache.length += 1  # forward's host-side part of the step; the replay advances the device copy
+        token_in.copy_(token)
+        graph.replay()
+        return logits_out
+    return step
+
+
 # -----------------------------------------------------------------------------------------------------------
 # KV cache
 
@@ -437,12 +477,25 @@ class KVCache:
     """Keys and values of the tokens seen so far, allocated once so decoding allocates nothing per step.
 
     Full-attention layers keep every time step t in slot t. Sliding-window layers keep a ring of the last
-    `sliding_window` steps in slot t % window, so their memory stays bounded however long the text."""
+    `sliding_window` steps in slot t % window, so their memory stays bounded however long the text.
 
-    def __init__(self, config, batch_size, max_len, kv_heads, device, dtype):
-        self.max_len, self.length = max_len, 0
+    static=True is for CUDA graphs, which replay fixed kernels on fixed memory: every step attends over the whole
+    buffers (the mask hides empty slots), so all decode steps have the same shapes, and positions count from a
+    copy of the length on the device, which a replayed step advances itself."""
+
+    def __init__(self, config, batch_size, max_len, kv_heads, device, dtype, static=False):
+        self.max_len, self.length, self.static = max_len, 0, static  # length: time steps stored so far
+        self.device_length = torch.zeros((), dtype=torch.long, device=device) if static else None
         sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
         self.layers = [LayerKV(self, (batch_size, kv_heads, s, config.head_dim), device, dtype) for s in sizes]
+
+    def past(self):  # what the next step's time steps count from
+        return self.device_length if self.static else self.length
+
+    def advance(self, T):
+        self.length += T
+        if self.static:
+            self.device_length += T
 
 
 class LayerKV:
@@ -450,7 +503,7 @@ class LayerKV:
     that a compiled block is one graph for all layers (an index would be a constant baked into each graph)."""
 
     def __init__(self, cache, shape, device, dtype):
-        self.cache = cache  # for the shared length: the number of time steps already stored
+        self.cache = cache  # for the shared length
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, KV, S, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -459,10 +512,11 @@ class LayerKV:
 
     def key_times(self, T):
         """Time step of each key attended over in a step of T new tokens (-1: empty slot)."""
-        size, past, dev = self.k.shape[2], self.cache.length, self.k.device
+        size, past, dev = self.k.shape[2], self.cache.past(), self.k.device
         if self._wraps(T):  # old ring contents followed by the whole new chunk
-            return torch.cat([self._slot_times(size, past, dev), torch.arange(past, past + T, device=dev)])
-        return self._slot_times(size, past + T, dev)[: min(past + T, size)]
+            return torch.cat([self._slot_times(size, past, dev), past + torch.arange(T, device=dev)])
+        times = self._slot_times(size, past + T, dev)
+        return times if self.cache.static else times[: min(self.cache.length + T, size)]
 
     @staticmethod
     def _slot_times(size, L, device):  # after L steps, slot s holds the latest t < L with t % size == s
@@ -471,9 +525,9 @@ class LayerKV:
 
     def update(self, k, v):
         """Store this step's k, v (B, KV, T, hd); return the keys and values to attend over."""
-        K, V, past = self.k, self.v, self.cache.length
+        K, V = self.k, self.v
         size, T = K.shape[2], k.shape[2]
-        slots = torch.arange(past, past + T, device=K.device) % size
+        slots = (self.cache.past() + torch.arange(T, device=K.device)) % size
         wraps = self._wraps(T)
         if wraps:  # attend over the old ring and the whole chunk, taken before the write overwrites the ring
             keys, values = torch.cat([K, k], 2), torch.cat([V, v], 2)
@@ -481,7 +535,9 @@ class LayerKV:
         V.index_copy_(2, slots[-size:], v[:, :, -size:])
         if wraps:
             return keys, values
-        n = min(past + T, size)
+        if self.cache.static:  # all slots, every step: the same shapes
+            return K, V
+        n = min(self.cache.length + T, size)
         return K[:, :, :n], V[:, :, :n]
 
 

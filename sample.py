@@ -37,7 +37,8 @@ def parse_args(argv=None):
                    help="auto: bfloat16 (float16 on mps)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the blocks (meant for GPUs: no gain on a small CPU; compiling takes a minute)")
+                   help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
+                        "(no gain on a small CPU; compiling takes a minute)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -109,11 +110,17 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
-    """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens."""
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
+             cuda_graph=False):
+    """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens.
+    cuda_graph: replay the decode steps from a CUDA graph (see olmo.cuda_graph_decoder)."""
     device = model.lm_head.weight.device
     ids = torch.tensor([prompt_ids], device=device)
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
+    if cuda_graph:
+        decode = olmo.cuda_graph_decoder(model, cache)
+    else:
+        decode = lambda token: model(token, cache=cache, last_only=True)[0]  # one token, keys from the cache
     logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
     for _ in range(max_new_tokens):
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
@@ -121,7 +128,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         yield token
         if token in stop_ids:
             return
-        logits, _ = model(next_id, cache=cache, last_only=True)  # decode: one token, keys from the cache
+        logits = decode(next_id)
 
 
 # ---- chat template -------------------------------------------------------------------------------------------
@@ -222,13 +229,15 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
     """Print tokens as they come. A UTF-8 character can span tokens: the incremental decoder holds its
     first bytes back until the rest arrives, so no broken character is ever printed."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there)
+    graph = args.compile and args.device.type == "cuda" and not torch.distributed.is_initialized()
     n, sync = 0, torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     t1, interrupted = t0, False
     try:
         for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              stops, generator):
+                              stops, generator, graph):
             if n == 0:
                 t1 = time.perf_counter()  # the prompt is processed and the first token sampled
             n += 1

@@ -96,20 +96,22 @@ def test_eager_and_sdpa_agree(case):
 # ---- KV cache ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 1, 10, 7], [12, 12], [3, 21]])
 @pytest.mark.parametrize("case", CASES)
-def test_cached_decoding_equals_full_forward(case, chunks, attn):
+def test_cached_decoding_equals_full_forward(case, chunks, attn, static):
     # olmo3's sliding layers keep only the last 8 keys in a ring; 24 tokens wrap it three times, and chunks
-    # longer than one token take the path that must not overwrite keys the chunk itself still needs
+    # longer than one token take the path that must not overwrite keys the chunk itself still needs.
+    # A static cache (for CUDA graphs) attends over all its slots every step and counts on the device.
     model, ids = load(case, attn), reference(case)["input_ids"]
     full, _ = model(ids)
-    cache, start, out = model.new_cache(2, 24), 0, []
+    cache, start, out = model.new_cache(2, 24, static=static), 0, []
     for n in chunks:
         out.append(model(ids[:, start:start + n], cache=cache)[0])
         start += n
     assert max_diff(torch.cat(out, 1), full) < F32_TOL
-    assert cache.length == 24
+    assert cache.length == 24 and (not static or cache.device_length.item() == 24)
 
 
 def test_compiled_blocks_share_one_graph_and_match_eager():
@@ -133,6 +135,27 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
         outs.append(torch.cat(steps, 1))
     assert max_diff(outs[0], outs[1]) < F32_TOL
     assert 1 <= counters["stats"]["unique_graphs"] <= 3
+    cache = compiled.new_cache(2, 18, static=True)  # as for CUDA graphs: all slots every step, length on the device
+    steps = [compiled(ids[:, :6], cache=cache)[0]] + [compiled(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
+    assert max_diff(outs[0], torch.cat(steps, 1)) < F32_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by hand where one is)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_decoding_matches_eager(compiled):
+    # recorded on the third step, replayed for the rest; olmo3's rings of 8 wrap during the replays
+    model = load("olmo3").to("cuda")
+    graphed = olmo.compile_blocks(copy.deepcopy(model)) if compiled else model
+    ids = reference("olmo3")["input_ids"].to("cuda")
+    with torch.inference_mode():
+        full, _ = model(ids)
+        cache = graphed.new_cache(2, 24, static=True)
+        step = olmo.cuda_graph_decoder(graphed, cache)
+        out = [graphed(ids[:, :4], cache=cache)[0]] + [step(ids[:, i:i + 1]).clone() for i in range(4, 24)]
+        assert max_diff(torch.cat(out, 1), full) < F32_TOL
+        assert cache.length == 24 and cache.device_length.item() == 24
+        with pytest.raises(ValueError, match="KV cache holds 24 tokens; 24 are in it"):
+            step(ids[:, :1])
 
 
 def test_sliding_layers_keep_only_the_window():
@@ -211,12 +234,9 @@ def test_feature_changes_logits(case, change):
 def test_yarn_only_on_full_attention_layers():
     # YaRN applied to every layer (the transformers 5.2 regression) must not match the reference
     model, ids = load("olmo3"), reference("olmo3")["input_ids"]
-    yarn_everywhere = olmo.rope_cos_sin
-    try:
-        olmo.rope_cos_sin = lambda config, yarn, pos: yarn_everywhere(config, True, pos)
-        wrong, _ = model(ids)
-    finally:
-        olmo.rope_cos_sin = yarn_everywhere
+    rope = model.model.rope
+    model.model.rope = lambda yarn, device: rope(True, device)
+    wrong, _ = model(ids)
     assert max_diff(wrong, reference("olmo3")["logits"]) > 1e-2
 
 

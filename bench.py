@@ -112,12 +112,13 @@ def save_checkpoint(model, folder):
 def load_child(impl, folder, dtype):
     """Run in a fresh process: load, run one token (so lazily mapped weights are really read), report."""
     dtype = getattr(torch, dtype)
+    if impl == "hf":  # imported before the clock starts, as olmo is
+        from transformers import AutoModelForCausalLM
     t = time.perf_counter()
     if impl == "ours":
         model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype)
     else:
-        import transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     loaded = time.perf_counter() - t
     with torch.inference_mode():
         model(torch.tensor([[1]]))

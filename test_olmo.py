@@ -395,6 +395,22 @@ def test_load_converts_dtype():
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_weights_that_need_no_conversion_are_mapped_copy_on_write(tmp_path):
+    folder, ref = _folder(tmp_path), reference("olmo2")
+    size = (folder / "model.safetensors").stat().st_size
+    model = olmo.OlmoForCausalLM.from_pretrained(folder)  # float32 as stored, on the CPU: views of the file
+    assert all(p.untyped_storage().nbytes() == size for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # copy-on-write: the model's pages change, the file does not
+    before = (folder / "model.safetensors").read_bytes()
+    del model
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert max_diff(olmo.OlmoForCausalLM.from_pretrained(folder)(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+    converted = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)  # read, each its own memory
+    assert all(p.untyped_storage().nbytes() == p.nbytes for p in converted.parameters())
+
+
 LOAD_PEAK = """
 import sys, torch, olmo
 def peak_kb():  # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak

@@ -41,6 +41,7 @@ def parse_args():
     p.add_argument("--skip-load", action="store_true", help="skip the from_pretrained measurements")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement (best is kept)")
     p.add_argument("--no-reference", action="store_true", help="do not run transformers even if installed")
+    p.add_argument("--profile", action="store_true", help="also print where our decode steps spend their time, by kernel")
     p.add_argument("--load-child", nargs=3, metavar=("IMPL", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
@@ -235,6 +236,27 @@ def paired_fractions(impl, args, per_token, steps=24):
     return {k: statistics.median(v) for k, v in fractions.items()}
 
 
+def profile_steps(impl, args, steps=10):
+    """The kernels (GPU) or operators (CPU) of our decode steps at batch 1, by total time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = impl.stepper(random_ids(args, (1, args.prompt_len)), WARMUP_STEPS + steps)
+    for _ in range(WARMUP_STEPS):
+        step()
+    gpu = args.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize(args.device)  # the last kernels finish inside the profile
+    rows = [(getattr(e, "self_device_time_total" if gpu else "self_cpu_time_total") / steps, e.count / steps, e.key)
+            for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    lines = [f"{sum(r[0] for r in rows) / 1e3:9.3f} ms per step in {sum(r[1] for r in rows):.0f} "
+             f"{'kernels' if gpu else 'operator calls'}; the largest:"]
+    return lines + [f"{us / 1e3:9.3f} ms {n:6.0f}x  {name[:100]}" for us, n, name in rows[:12]]
+
+
 def prefill_rate(impl, args):
     ids = random_ids(args, (1, args.prefill_len))
     return args.prefill_len / timed(lambda: impl.prefill(ids), args.device)
@@ -294,6 +316,10 @@ def main():
         for r in rows.values():
             r["bandwidth"] = r["decode_b1"] * per_token
         paired = {key: paired_fractions(impl, args, per_token) for key, impl in impls.items() if key.startswith("ours")}
+        if args.profile:
+            for key, impl in impls.items():
+                if key.startswith("ours"):
+                    print(f"\nprofile of {key}, decode at batch 1:\n" + "\n".join(profile_steps(impl, args)))
         del impls, model
         if not args.skip_load and args.device.type == "cpu":
             for _ in range(args.rounds):

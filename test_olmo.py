@@ -644,7 +644,7 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-reference"]])
+@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile"]])
 def test_bench_runs_and_reports(extra):
     # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
@@ -656,6 +656,7 @@ def test_bench_runs_and_reports(extra):
     with_reference = not extra and importlib.util.find_spec("transformers") is not None
     assert ("transformers" in lines[-1]) == with_reference
     assert any(line.startswith("peak RSS GB") for line in lines) and "weight matrices alone" in r.stdout
+    assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
 
 
 @pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])

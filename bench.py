@@ -140,6 +140,9 @@ def measure_load(impl, folder, dtype):
 # ---- the two implementations behind one small interface ------------------------------------------------------
 
 
+WARMUP_STEPS = 3  # enough for compiling, cuBLAS's set-up and, with a CUDA graph, its recording (third step)
+
+
 class Ours:
     name = "olmo.py"
 
@@ -151,19 +154,19 @@ class Ours:
         return self.model(ids, last_only=True)[0]
 
     def stepper(self, ids, n):
-        """Prefill ids, then return a function that decodes one more token (greedy) per call, n calls at most."""
+        """Prefill ids and decode WARMUP_STEPS tokens, then return a function that decodes one more token
+        (greedy) per call, n calls at most."""
         model = self.model
-        cache = model.new_cache(ids.shape[0], ids.shape[1] + n, static=self.cuda_graph)
-        if self.cuda_graph:
-            forward = olmo.cuda_graph_decoder(model, cache)
-        else:
-            forward = lambda token: model(token, cache=cache, last_only=True)[0]
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + WARMUP_STEPS + n, static=self.cuda_graph)
+        forward = sample.decoder(model, cache)
         with torch.inference_mode():
             logits = [model(ids, cache=cache, last_only=True)[0]]
 
         @torch.inference_mode()
         def step():
             logits[0] = forward(logits[0].argmax(-1))
+        for _ in range(WARMUP_STEPS):
+            step()
         return step
 
     def weights_alone(self):
@@ -200,9 +203,6 @@ def random_ids(args, shape):  # token ids that every vocabulary has
     return torch.randint(0, min(1000, args.vocab_size), shape, device=args.device)
 
 
-WARMUP_STEPS = 3  # enough for compiling, cuBLAS's set-up and, with a CUDA graph, its recording (third step)
-
-
 def decode_rate(impl, batch, args):
     """Tokens/s of the decode steps alone, the prefill left out. transformers: generate() as a user calls it,
     (time for n tokens - time for 1) / (n - 1). Ours: n - 1 steps timed after the warm-up steps."""
@@ -211,9 +211,7 @@ def decode_rate(impl, batch, args):
         t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
         t_n = timed(lambda: impl.decode(ids, n), args.device, repeats=1, warmup=False)
         return batch * (n - 1) / (t_n - t_1)
-    step = impl.stepper(ids, WARMUP_STEPS + n - 1)
-    for _ in range(WARMUP_STEPS):
-        step()
+    step = impl.stepper(ids, n - 1)
     return batch * (n - 1) / elapsed(lambda: [step() for _ in range(n - 1)], args.device)
 
 
@@ -223,9 +221,7 @@ def paired_fractions(impl, args, per_token, steps=24):
     The same for the weight matrices alone, without the rest of the step (norms, RoPE, attention, cache)."""
     buf = torch.ones(256 * 1024 * 1024, device=args.device)  # float32, 1 GiB
     ids = random_ids(args, (1, args.prompt_len))
-    step, alone = impl.stepper(ids, WARMUP_STEPS + steps), impl.weights_alone()
-    for _ in range(WARMUP_STEPS):
-        step()
+    step, alone = impl.stepper(ids, steps), impl.weights_alone()
     alone()
     fractions = {"step": [], "weights alone": []}
     r = reads(args.device)
@@ -240,9 +236,7 @@ def profile_steps(impl, args, steps=10):
     """The kernels (GPU) or operators (CPU) of our decode steps at batch 1, by total time, per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = impl.stepper(random_ids(args, (1, args.prompt_len)), WARMUP_STEPS + steps)
-    for _ in range(WARMUP_STEPS):
-        step()
+    step = impl.stepper(random_ids(args, (1, args.prompt_len)), steps)
     gpu = args.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -315,11 +309,11 @@ def main():
             print(f"{name}: " + ", ".join(f"{k} {r[name]:.2f}" for k, r in rows.items()), file=sys.stderr, flush=True)
         for r in rows.values():
             r["bandwidth"] = r["decode_b1"] * per_token
-        paired = {key: paired_fractions(impl, args, per_token) for key, impl in impls.items() if key.startswith("ours")}
+        variants = {key: impl for key, impl in impls.items() if isinstance(impl, Ours)}
+        paired = {key: paired_fractions(impl, args, per_token) for key, impl in variants.items()}
         if args.profile:
-            for key, impl in impls.items():
-                if key.startswith("ours"):
-                    print(f"\nprofile of {key}, decode at batch 1:\n" + "\n".join(profile_steps(impl, args)))
+            for key, impl in variants.items():
+                print(f"\nprofile of {key}, decode at batch 1:\n" + "\n".join(profile_steps(impl, args)))
         del impls, model
         if not args.skip_load and args.device.type == "cpu":
             for _ in range(args.rounds):

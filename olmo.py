@@ -352,8 +352,8 @@ class OlmoModel(nn.Module):
         attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, as in Hugging Face."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {past} are in it and {T} more do not fit")
+        if cache is not None:
+            cache.check_room(T)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}")
         start = cache.past() if cache is not None else 0  # past, or its device copy in a static cache
@@ -463,10 +463,9 @@ def cuda_graph_decoder(model, cache):
             token_in = token.clone()
             with torch.cuda.graph(graph):
                 logits_out = model(token_in, cache=cache, last_only=True)[0]
-        elif cache.length >= cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length} are in it and 1 more does not fit")
-        else:
-            cache.length += 1  # forward's host-side part of the step; the replay advances the device copy
+        else:  # forward's host-side part of the step; the replay advances the device copy
+            cache.check_room(1)
+            cache.length += 1
         token_in.copy_(token)
         graph.replay()
         return logits_out
@@ -492,6 +491,10 @@ class KVCache:
         self.device_length = torch.zeros((), dtype=torch.long, device=device) if static else None
         sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
         self.layers = [LayerKV(self, (batch_size, kv_heads, s, config.head_dim), device, dtype) for s in sizes]
+
+    def check_room(self, T):
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length} are in it and {T} more do not fit")
 
     def past(self):  # what the next step's time steps count from
         return self.device_length if self.static else self.length

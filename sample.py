@@ -109,6 +109,14 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
+def decoder(model, cache):
+    """A decode step, token ids (B, 1) -> next-token logits (B, 1, vocab), keys from the cache; with a static
+    cache, replayed from a CUDA graph (olmo.cuda_graph_decoder)."""
+    if cache.static:
+        return olmo.cuda_graph_decoder(model, cache)
+    return lambda token: model(token, cache=cache, last_only=True)[0]
+
+
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
              cuda_graph=False):
@@ -117,10 +125,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     device = model.lm_head.weight.device
     ids = torch.tensor([prompt_ids], device=device)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
-    if cuda_graph:
-        decode = olmo.cuda_graph_decoder(model, cache)
-    else:
-        decode = lambda token: model(token, cache=cache, last_only=True)[0]  # one token, keys from the cache
+    decode = decoder(model, cache)
     logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
     for _ in range(max_new_tokens):
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

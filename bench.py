@@ -94,7 +94,10 @@ def memory_bandwidth(device):
 def save_checkpoint(model, folder):
     """config.json (Hugging Face keys) + model.safetensors, as a released checkpoint folder looks."""
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "attn_implementation" and v is not None}
-    config["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}[config["model_type"]]]
+    config["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                                "olmoe": "OlmoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
+                                "olmo_hybrid": "OlmoHybridForCausalLM"}[config["model_type"]]]
+    config["rope_theta"] = model.config.rope_theta  # null means no RoPE (Olmo Hybrid), not the default
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
     state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
@@ -170,9 +173,9 @@ class Ours:
         return step
 
     def weights_alone(self):
-        """A function that multiplies every weight matrix by a vector and does nothing else: the floor of a
-        decode step's time, for comparison with the step."""
-        mats = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        """A function that multiplies every weight matrix a decode step reads by a vector and does nothing else: the
+        floor of a decode step's time, for comparison with the step."""
+        mats = [w for w in sample.weights_read_per_token(self.model) if w.dim() == 2]
         xs = {n: torch.randn(n, device=mats[0].device, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
 
         @torch.inference_mode()
@@ -292,9 +295,8 @@ def main():
         if have_reference:
             impls["transformers"] = Reference(folder, args.device, args.dtype)
         model = impls["ours"].model
-        per_token = sum(p.nbytes for p in model.parameters())  # decoding reads every weight once per token...
-        if not model.config.tie_word_embeddings:
-            per_token -= model.model.embed_tokens.weight.nbytes  # ...but only one row of the embedding table
+        per_token = sum(p.nbytes for p in sample.weights_read_per_token(model))  # each weight once, and one row of
+        # the embedding table (of a mixture of experts, only the experts a token is routed to)
         # Alternate the implementations for every measurement and keep each one's best: on a shared machine
         # the speed drifts by 10-20% over minutes, and back-to-back blocks would turn that drift into a ratio.
         rows = {key: {} for key in impls}

@@ -1,14 +1,18 @@
 """
-OLMo 1, 2 and 3 in one file: the language models of AI2's Open Language Model project.
+The OLMo family in one file: the language models of AI2's Open Language Model project.
 
-Read top to bottom: config -> norms -> rotary embedding (plain and YaRN) -> attention -> MLP -> block ->
-model -> KV cache -> checkpoint loader -> tokenizer. Parameter names equal the Hugging Face checkpoint
-names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with load_state_dict.
+Read top to bottom: config -> norms -> rotary embedding (plain and YaRN) -> attention -> Gated DeltaNet ->
+MLP -> mixture of experts -> block -> model -> KV cache -> checkpoint loader -> tokenizer. Parameter names
+equal the Hugging Face checkpoint names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads
+with load_state_dict.
 
-The three generations differ in a few lines, each behind one config flag:
-  OLMo 1 (model_type "olmo"):  pre-norm blocks with a LayerNorm that has no weights; optional clip_qkv.
-  OLMo 2 ("olmo2"):            norms moved after attention/MLP (RMSNorm), RMSNorm on the full q and k.
-  OLMo 3 ("olmo3"):            OLMo 2 + sliding-window attention on 3 of 4 layers, YaRN on the others.
+The generations differ in a few lines, each behind one config flag:
+  OLMo 1 (model_type "olmo"):     pre-norm blocks with a LayerNorm that has no weights; optional clip_qkv.
+  OLMo 2 ("olmo2"):               norms moved after attention/MLP (RMSNorm), RMSNorm on the full q and k.
+  OLMo 3 ("olmo3"):               OLMo 2 + sliding-window attention on 3 of 4 layers, YaRN on the others.
+  OLMoE ("olmoe"):                pre-norm with RMSNorm, QK-norm, and a mixture of 64 small experts as the MLP.
+  FlexOlmo ("flex_olmo"):         the OLMo 2 block with a mixture of 7B-wide experts as the MLP.
+  Olmo Hybrid ("olmo_hybrid"):    3 of 4 layers are Gated DeltaNet (linear attention with a fixed-size state).
 """
 
 import json
@@ -28,53 +32,99 @@ import torch.nn.functional as F
 # Config: field names are the keys of the Hugging Face config.json
 
 
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+# What the reference (transformers 5.24) assumes for keys that a config.json leaves out, where a family differs
+# from the fields' defaults below. Released OLMoE config.json files, for one, carry no rms_norm_eps: 1e-5 applies.
+REFERENCE_DEFAULTS = {
+    "olmo": dict(rope_theta=10000.0, max_position_embeddings=2048),
+    "olmo2": dict(rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048),
+    "olmo3": dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=2048),
+    "olmoe": dict(rope_theta=10000.0, rms_norm_eps=1e-5, num_experts=64, num_experts_per_tok=8),
+    "flex_olmo": dict(rope_theta=500000.0, num_experts=7, num_experts_per_tok=5),
+    "olmo_hybrid": dict(rope_theta=10000.0, max_position_embeddings=65536),
+}
+
+
 @dataclass
 class OlmoConfig:
-    model_type: str = "olmo2"  # "olmo" | "olmo2" | "olmo3": picks the block layout (see the flags below)
+    model_type: str = "olmo2"  # one of MODEL_TYPES: picks the block layout (see the flags below)
     vocab_size: int = 100352  # rows of the embedding and of the logits (can be padded past the tokenizer)
     hidden_size: int = 2048  # d, the width of the residual stream
-    intermediate_size: int = 8192  # width of the SwiGLU hidden layer
+    intermediate_size: int = 8192  # width of the SwiGLU hidden layer (of each expert, in a mixture of experts)
     num_hidden_layers: int = 16
     num_attention_heads: int = 16  # H query heads of head_dim = hidden_size // H (128 in every release)
     num_key_value_heads: int = 16  # KV heads; fewer than H means grouped-query attention (GQA)
     max_position_embeddings: int = 4096  # context length the model was trained for
-    rope_theta: float = 500000.0  # RoPE base
+    rope_theta: float | None = 500000.0  # RoPE base; None: no RoPE at all ("NoPE", the released Olmo Hybrid)
     rope_scaling: dict | None = None  # YaRN parameters for the full-attention layers (OLMo 3), else None
-    rms_norm_eps: float = 1e-6  # OLMo 2/3 RMSNorm epsilon (OLMo 1's LayerNorm uses a fixed 1e-5)
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon (OLMo 1's LayerNorm uses a fixed 1e-5)
     clip_qkv: float | None = None  # OLMo 1 0424/0724: clamp q, k, v to [-clip_qkv, clip_qkv]
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B)
     sliding_window: int | None = None  # OLMo 3: how many keys (counting itself) a sliding layer sees
-    layer_types: list | None = None  # per layer "full_attention" or "sliding_attention"
+    layer_types: list | None = None  # per layer "full_attention", "sliding_attention" or "linear_attention"
     eos_token_id: int | None = None  # end of text, where generation stops
     pad_token_id: int | None = None
     attn_implementation: str = "sdpa"  # "eager" spells the attention math out; "sdpa" calls the fused kernel
+    # mixture of experts (OLMoE, FlexOlmo): the MLP is num_experts MLPs, of which each token uses a few
+    num_experts: int | None = None  # E experts per layer; None: one dense MLP
+    num_experts_per_tok: int | None = None  # k, the experts each token is routed to
+    norm_topk_prob: bool = False  # rescale the k chosen probabilities to sum to 1 (False in every release)
+    output_router_logits: bool = False  # training: add the router's load-balancing loss to the loss...
+    router_aux_loss_coef: float = 0.01  # ...times this
+    # Gated DeltaNet, the "linear_attention" layers of Olmo Hybrid (None: the reference's defaults, below)
+    linear_num_key_heads: int | None = None  # heads of q and k (default num_attention_heads)
+    linear_num_value_heads: int | None = None  # heads of v and of the state (default num_attention_heads)
+    linear_key_head_dim: int | None = None  # d_k (default 0.75 * hidden_size / linear_num_key_heads)
+    linear_value_head_dim: int | None = None  # d_v (default 2 * d_k)
+    linear_conv_kernel_dim: int = 4  # width of the short causal convolution on q, k and v
+    linear_allow_neg_eigval: bool = True  # the write strength beta in (0, 2) rather than (0, 1)
 
     def __post_init__(self):
-        if self.model_type not in ("olmo", "olmo2", "olmo3"):
-            raise ValueError(f"unknown model_type {self.model_type!r}: expected 'olmo', 'olmo2' or 'olmo3'")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {self.model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
         if self.attn_implementation not in ("eager", "sdpa"):
             raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("hidden_size must divide into num_attention_heads, and those into num_key_value_heads")
-        if self.layer_types is None:  # OLMo 3's default: every 4th layer sees everything, the others a window
-            every4 = lambda i: "full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
-            self.layer_types = [every4(i) if self.model_type == "olmo3" else "full_attention"
-                                for i in range(self.num_hidden_layers)]
-        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {"full_attention", "sliding_attention"}:
-            raise ValueError(f"layer_types must list 'full_attention'/'sliding_attention' once per layer, got {self.layer_types}")
+        if self.layer_types is None:  # every 4th layer sees everything; OLMo 3 slides a window, the Hybrid a state
+            other = {"olmo3": "sliding_attention", "olmo_hybrid": "linear_attention"}.get(self.model_type, "full_attention")
+            self.layer_types = ["full_attention" if i % 4 == 3 else other for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
+            raise ValueError(f"layer_types must list one of {', '.join(LAYER_TYPES)} per layer, got {self.layer_types}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if ("linear_attention" in self.layer_types) != (self.model_type == "olmo_hybrid"):
+            raise ValueError(f"linear_attention layers are Olmo Hybrid's (model_type 'olmo_hybrid'), got {self.layer_types}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
             raise ValueError(f"only YaRN rope scaling is used by OLMo checkpoints, got {self.rope_scaling}")
+        if self.num_experts is not None and not 1 <= (self.num_experts_per_tok or 0) <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be between 1 and num_experts={self.num_experts}, "
+                             f"got {self.num_experts_per_tok}")
+        if self.model_type == "olmo_hybrid":
+            self.linear_num_key_heads = self.linear_num_key_heads or self.num_attention_heads
+            self.linear_num_value_heads = self.linear_num_value_heads or self.num_attention_heads
+            self.linear_key_head_dim = self.linear_key_head_dim or int(0.75 * self.hidden_size / self.linear_num_key_heads)
+            self.linear_value_head_dim = self.linear_value_head_dim or 2 * self.linear_key_head_dim
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
 
-    # The two switches between OLMo 1 and OLMo 2+, named after AI2's own config keys.
+    # The switches between the generations, one per difference, each used in one place.
     @property
-    def norm_after(self):  # RMSNorm on the OUTPUT of attention and MLP (OLMo 2+), not LayerNorm on the input
+    def norm_after(self):  # RMSNorm on the OUTPUT of attention and MLP (OLMo 2+), not a norm on the input
+        return self.model_type not in ("olmo", "olmoe")
+
+    @property
+    def qk_norm(self):  # RMSNorm on the full-width q and k projections (all but OLMo 1)
         return self.model_type != "olmo"
 
     @property
-    def qk_norm(self):  # RMSNorm on the full-width q and k projections (OLMo 2+)
-        return self.model_type != "olmo"
+    def norm_rounds_first(self):  # OLMoE's RMSNorm rounds to the model dtype BEFORE multiplying its weight
+        return self.model_type == "olmoe"
+
+    @property
+    def rope_in_model_dtype(self):  # OLMoE rotates q and k with cos/sin rounded to the model dtype
+        return self.model_type == "olmoe"
 
     @property
     def head_dim(self):
@@ -84,9 +134,9 @@ class OlmoConfig:
     def from_dict(cls, d, source="config"):
         """A Hugging Face config.json dict, transformers-4 or transformers-5 style."""
         d = dict(d)
-        if d.get("model_type") not in ("olmo", "olmo2", "olmo3"):
+        if d.get("model_type") not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not an OLMo model "
-                             "(expected 'olmo', 'olmo2' or 'olmo3')")
+                             f"(expected one of {', '.join(MODEL_TYPES)})")
         rope = d.pop("rope_parameters", None)  # transformers 5 moved rope_theta/rope_scaling in here
         if rope is not None:
             if "full_attention" in rope or "sliding_attention" in rope:  # OLMo 3: one dict per layer type
@@ -94,13 +144,17 @@ class OlmoConfig:
                 if sliding.get("rope_type", "default") != "default" or sliding.get("rope_theta", full.get("rope_theta")) != full.get("rope_theta"):
                     raise ValueError(f"{source}: sliding layers must use plain RoPE with the full layers' theta, got {rope}")
                 rope = full
-            d.setdefault("rope_theta", rope.get("rope_theta"))
+            if "rope_theta" in rope:
+                d.setdefault("rope_theta", rope["rope_theta"])
             if rope.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d.get("num_attention_heads")
-        if d.get("rope_theta") is None:
-            d["rope_theta"] = 500000.0 if d["model_type"] == "olmo3" else 10000.0  # the reference's defaults
+        for k, v in REFERENCE_DEFAULTS[d["model_type"]].items():
+            if k not in d or (d[k] is None and k != "rope_theta"):  # only Olmo Hybrid's null rope_theta means NoPE
+                d[k] = v
+        if d["rope_theta"] is None and d["model_type"] != "olmo_hybrid":
+            d["rope_theta"] = REFERENCE_DEFAULTS[d["model_type"]]["rope_theta"]
         names = {f.name for f in fields(cls)}
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in d]
@@ -135,28 +189,36 @@ def read_json(path):
 
 
 def _preset(model_type, d, I, L, H, KV, ctx, vocab, **extra):
-    eos, pad = (50279, 1) if model_type == "olmo" else (100257, 100277)
-    theta = 10000.0 if model_type == "olmo" else 500000.0
-    return dict(model_type=model_type, hidden_size=d, intermediate_size=I, num_hidden_layers=L,
-                num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=ctx, vocab_size=vocab,
-                rope_theta=theta, eos_token_id=eos, pad_token_id=pad, **extra)
+    neox = model_type in ("olmo", "olmoe")  # OLMo 1 and OLMoE use the GPT-NeoX tokenizer; the rest dolma2
+    eos, pad = (50279, 1) if neox else (100257, 100277)
+    return REFERENCE_DEFAULTS[model_type] | dict(
+        model_type=model_type, hidden_size=d, intermediate_size=I, num_hidden_layers=L, num_attention_heads=H,
+        num_key_value_heads=KV, max_position_embeddings=ctx, vocab_size=vocab, eos_token_id=eos, pad_token_id=pad) | extra
 
 
 _YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
              attention_factor=1.2079441541679836)
 _OLMO3 = dict(sliding_window=4096, rope_scaling=_YARN)
+_OLMO2 = dict(rms_norm_eps=1e-6)  # what the released config.json files say (the reference's default is 1e-5)
 PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
     "OLMo-1B-hf": _preset("olmo", 2048, 8192, 16, 16, 16, 2048, 50304, tie_word_embeddings=True),
     "OLMo-7B-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
     "OLMo-7B-Twin-2T-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
     "OLMo-7B-0424-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
     "OLMo-7B-0724-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
-    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352),
-    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352),
-    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352),
-    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352),
-    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_OLMO3),
-    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_OLMO3),
+    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352, rope_theta=500000.0, **_OLMO2),
+    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352, rope_theta=500000.0, **_OLMO2),
+    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352, rope_theta=500000.0, **_OLMO2),
+    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352, rope_theta=500000.0, **_OLMO2),
+    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_OLMO2, **_OLMO3),
+    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_OLMO2, **_OLMO3),
+    # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
+    "OLMoE-1B-7B-0924": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),
+    "OLMoE-1B-7B-0125": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),
+    # OLMo-2-7B blocks whose MLP is 7 experts (the reference's defaults: 5 per token)
+    "FlexOlmo-7x7B-1T": _preset("flex_olmo", 4096, 11008, 32, 32, 32, 4096, 100352),
+    # 24 Gated DeltaNet layers (30 heads, d_k 96, d_v 192) and 8 attention layers without RoPE
+    "Olmo-Hybrid-7B": _preset("olmo_hybrid", 3840, 11008, 32, 30, 30, 65536, 100352, rope_theta=None),
 }
 
 # -----------------------------------------------------------------------------------------------------------
@@ -171,16 +233,29 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """OLMo 2/3: x / rms(x) * weight, the weight multiplied in float32 (OLMoE would round first)."""
+    """x / rms(x) * weight. OLMo 2/3 multiply the weight in float32 and round once; OLMoE (rounds_first) rounds
+    x / rms(x) to the model dtype first, then multiplies (in bfloat16 the two differ in the last bit)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, rounds_first=False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.rounds_first = eps, rounds_first
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+        return self.times_weight(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), self.weight, x.dtype)
+
+    def times_weight(self, normed, weight, dtype):
+        if self.rounds_first:
+            return weight * normed.to(dtype)
+        return (weight * normed).to(dtype)
+
+
+def make_norm(config, dim=None):
+    """The block and final norm of a generation: OLMo 1's weightless LayerNorm, or an RMSNorm."""
+    if config.model_type == "olmo":
+        return LayerNorm()
+    return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_rounds_first)
 
 
 class Linear(nn.Linear):
@@ -242,7 +317,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config):
         super().__init__()
         d, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, KV, hd
@@ -252,23 +327,22 @@ class Attention(nn.Module):
         self.o_proj = Linear(H * hd, d)
         self.clip_qkv = config.clip_qkv
         if config.qk_norm:  # over all heads at once, before the split into heads (not per head as in Qwen3)
-            self.q_norm = RMSNorm(H * hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(KV * hd, config.rms_norm_eps)
-        sliding = config.layer_types[layer_idx] == "sliding_attention"
-        self.sliding_window = config.sliding_window if sliding else None
+            self.q_norm = make_norm(config, H * hd)
+            self.k_norm = make_norm(config, KV * hd)
         self.eager = config.attn_implementation == "eager"
 
     def forward(self, x, cos, sin, mask, kv=None):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*hd), (B, T, KV*hd) x2
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # after the QK-norm (OLMoE); OLMo 1 has none
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: no positions at all (NoPE, Olmo Hybrid)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # this layer's LayerKV
             k, v = kv.update(k, v)  # (B, KV, S, hd): past keys and these, S >= T
         if self.eager:
@@ -287,6 +361,122 @@ class Attention(nn.Module):
         return probs @ v  # (B, H, T, hd)
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Gated DeltaNet: Olmo Hybrid's "linear_attention" layers, attention with a memory of fixed size
+#
+# Softmax attention keeps every past key and value and compares each query with all of them. Linear attention
+# keeps one matrix per head instead, the state S (d_k, d_v), and reads it with the query: o = S^T q. Writing
+# S += k v^T makes S^T q = sum over the past of v (k . q): attention without the softmax. The delta rule writes
+# only what S does not already return for k, S += k (beta (v - S^T k))^T, with a write strength beta; and a
+# learned gate first decays the whole memory, S *= exp(g), g <= 0. The state is the same size at token 10 and
+# at token 100000, so memory per sequence and the cost of a decode step stay constant.
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, K = config.hidden_size, config.linear_conv_kernel_dim
+        self.n_k, self.n_v = config.linear_num_key_heads, config.linear_num_value_heads  # q/k heads, v/state heads
+        self.d_k, self.d_v = config.linear_key_head_dim, config.linear_value_head_dim
+        self.q_proj = Linear(d, self.n_k * self.d_k)
+        self.k_proj = Linear(d, self.n_k * self.d_k)
+        self.v_proj = Linear(d, self.n_v * self.d_v)
+        # a short causal convolution along time on every channel of q, k and v (kernel K, no bias)
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = (nn.Conv1d(c, c, K, groups=c, bias=False) for c in self.widths)
+        self.a_proj = Linear(d, self.n_v)  # per head: how much to forget (through A_log and dt_bias)
+        self.b_proj = Linear(d, self.n_v)  # per head: how strongly to write
+        self.A_log = nn.Parameter(torch.zeros(self.n_v))
+        self.dt_bias = nn.Parameter(torch.zeros(self.n_v))
+        self.g_proj = Linear(d, self.n_v * self.d_v)  # the output gate
+        self.o_norm = RMSNorm(self.d_v, 1e-5, rounds_first=True)  # per head, eps 1e-5 whatever the config says
+        self.o_proj = Linear(self.n_v * self.d_v, d)
+        self.beta_scale = 2.0 if config.linear_allow_neg_eigval else 1.0  # beta in (0, 2): S can also un-learn
+
+    @property
+    def widths(self):  # channels of q, k and v
+        return self.n_k * self.d_k, self.n_k * self.d_k, self.n_v * self.d_v
+
+    def forward(self, x, mask=None, state=None):
+        """x (B, T, d); mask (B, T), 0 for left padding; state: this layer's GDNState in a KVCache."""
+        B, T, _ = x.shape
+        if mask is not None:  # a zero input writes nothing (k = 0) and feeds zeros to the convolution
+            x = x * mask[:, :, None].to(x.dtype)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).transpose(1, 2)  # (B, C, T)
+        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])  # (C, 1, K)
+        K = w.shape[-1]
+        past = state.conv if state is not None else qkv.new_zeros(B, qkv.shape[1], K - 1)  # inputs before these
+        window = torch.cat([past, qkv], -1)  # (B, C, K - 1 + T)
+        if state is not None:
+            state.conv.copy_(window[:, :, -(K - 1):])
+        qkv = F.silu(F.conv1d(window, w, groups=w.shape[0])).transpose(1, 2)  # (B, T, C): output t sees t-K+1..t
+        q, k, v = qkv.split(self.widths, -1)
+        beta = self.b_proj(x).sigmoid() * self.beta_scale  # (B, T, n_v), in the model dtype as the reference
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)  # (B, T, n_v), log decay
+        rep = self.n_v // self.n_k  # grouped heads: each q/k head serves rep state heads
+        q = q.view(B, T, self.n_k, self.d_k).repeat_interleave(rep, 2)
+        k = k.view(B, T, self.n_k, self.d_k).repeat_interleave(rep, 2)
+        v = v.view(B, T, self.n_v, self.d_v)
+        q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v, beta, g))  # heads first, float32
+        q, k = l2_normalize(q) * self.d_k ** -0.5, l2_normalize(k)  # (B, n_v, T, d_k)
+        S = state.S if state is not None else q.new_zeros(B, self.n_v, self.d_k, self.d_v)
+        o, S = (delta_rule_recurrent if T == 1 else delta_rule_chunked)(q, k, v, g, beta, S)
+        if state is not None:
+            state.S.copy_(S)
+        o = o.transpose(1, 2).to(x.dtype)  # (B, T, n_v, d_v)
+        gate = self.g_proj(x).view(B, T, self.n_v, self.d_v)
+        o = (self.o_norm(o) * F.silu(gate.float())).to(x.dtype)  # normalised per head, then gated
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+def l2_normalize(x, eps=1e-6):
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule_recurrent(q, k, v, g, beta, S):
+    """The gated delta rule one token at a time, as defined: the decoding form. q, k (B, H, T, d_k) normalised,
+    v (B, H, T, d_v), g and beta (B, H, T), all float32; S (B, H, d_k, d_v) the state before the first token.
+    Returns the outputs (B, H, T, d_v) and the state after the last token."""
+    out = []
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t, None, None].exp()  # forget a little of everything
+        k_t = k[:, :, t, :, None]  # (B, H, d_k, 1)
+        recalled = (S * k_t).sum(-2)  # S^T k: what the memory returns for this key (B, H, d_v)
+        delta = beta[:, :, t, None] * (v[:, :, t] - recalled)  # write only the correction...
+        S = S + k_t * delta[:, :, None, :]  # ...at the key: S += k delta^T
+        out.append((S * q[:, :, t, :, None]).sum(-2))  # o = S^T q
+    return torch.stack(out, 2), S
+
+
+def delta_rule_chunked(q, k, v, g, beta, S, C=64):
+    """The same recurrence C tokens at a time: the prompt form, a few matrix products per chunk instead of C small
+    steps. Within a chunk, token i's write is delta_i = beta_i (v_i - Gamma_i S0^T k_i - sum_{j<i} D_ij (k_i.k_j)
+    delta_j), where S0 is the state at the chunk's start, Gamma_i the decay from the start to token i and D_ij from
+    token j to i: a lower-triangular linear system in the deltas, solved once. Across chunks S is carried."""
+    B, H, T, _ = q.shape
+    pad = -T % C  # padded tokens (k = 0, beta = 0, g = 0) leave the state as it is
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    n = (T + pad) // C
+    q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))
+    g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
+    G = g.cumsum(-1)  # log Gamma_i: the decay from the chunk's start to token i
+    later = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)  # j > i: no influence
+    D = (G[..., :, None] - G[..., None, :]).masked_fill(later, float("-inf")).exp()  # (B, H, n, C, C) D_ij
+    kb = k * beta[..., None]
+    A = (kb @ k.transpose(-1, -2)) * D  # (I + A) delta = ..., A strictly lower (the diagonal counts as 1)
+    U = torch.linalg.solve_triangular(A, v * beta[..., None], upper=False, unitriangular=True)  # the deltas if S0 = 0
+    W = torch.linalg.solve_triangular(A, kb * G.exp()[..., None], upper=False, unitriangular=True)  # ... minus W S0
+    scores = (q @ k.transpose(-1, -2)) * D  # decayed causal attention within the chunk
+    q_from_start = q * G.exp()[..., None]  # reads S0 decayed up to token i
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # writes decayed from token j to the chunk's end
+    out = []
+    for i in range(n):
+        delta = U[:, :, i] - W[:, :, i] @ S  # (B, H, C, d_v)
+        out.append(q_from_start[:, :, i] @ S + scores[:, :, i] @ delta)
+        S = S * G[:, :, i, -1, None, None].exp() + k_to_end[:, :, i].transpose(-1, -2) @ delta
+    return torch.stack(out, 2).reshape(B, H, n * C, -1)[:, :, :T], S
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -300,24 +490,82 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Mixture of experts (OLMoE, FlexOlmo): many MLPs per layer, a router sends each token to a few of them
+
+
+class MoE(nn.Module):
+    """The router (gate) scores every expert for each token; the token goes through its k best experts, whose
+    outputs are summed, weighted by the router's probabilities. Only the chosen experts' weights are read: OLMoE
+    decodes with 8 of its 64 experts per layer, so it computes like a 1B model and knows like a 7B one."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = Linear(config.hidden_size, config.num_experts)  # the router: one logit per expert
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.router_logits = None  # (tokens, E) of the last call: for the load-balancing loss, and to look at
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d): tokens are routed one by one
+        self.router_logits = self.gate(x)  # (N, E)
+        probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)  # float32 and torch.topk, as the
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # reference: bfloat16 ties must break its way
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)  # (N, k)
+        out = x.new_zeros(x.shape[0], self.top_k, d)  # (N, k, d): each token's k weighted expert outputs
+        for e in chosen.unique().tolist():  # each expert that some token chose, once, on all its tokens
+            token, slot = torch.where(chosen == e)
+            out[token, slot] = self.experts[e](x[token]) * weights[token, slot, None]
+        return out.sum(1).view(B, T, d)  # summed in float32 and rounded once, as the reference does
+
+
+def load_balancing_loss(router_logits, top_k, mask=None):
+    """The auxiliary loss that keeps a mixture's experts evenly used (Switch Transformer), as the reference
+    computes it: E * sum_e f_e P_e over all layers, f_e the share of tokens that chose expert e (among their k),
+    P_e the mean router probability of e. Smallest (k) when routing is uniform. mask (B, T): 0 for padding."""
+    E, counts, probs_sum, rows = router_logits[0].shape[-1], 0, 0, 0
+    w = mask.reshape(-1, 1).float() if mask is not None else router_logits[0].new_ones(len(router_logits[0]), 1).float()
+    for logits in router_logits:
+        probs = F.softmax(logits, dim=-1)  # in the logits' dtype (the router itself uses float32: same in f32)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(1)  # (N, E), 0/1
+        counts = counts + (chosen * w).sum(0)
+        probs_sum = probs_sum + (probs.float() * w).sum(0)
+        rows = rows + w.sum()
+    return E * ((counts / rows) * (probs_sum / rows)).sum()
+
+
 class Block(nn.Module):
+    """One layer: a token mixer (attention, or Gated DeltaNet) and an MLP (or a mixture of experts), each in a
+    residual branch, with its norm before the branch (OLMo 1, OLMoE) or after it (OLMo 2 and later)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.kind = config.layer_types[layer_idx]  # "full_attention", "sliding_attention" or "linear_attention"
+        self.mlp = MoE(config) if config.num_experts else MLP(config)
         self.norm_after = config.norm_after
-        if config.norm_after:  # OLMo 2/3. Careful: in Llama the same name is the norm BEFORE the MLP
-            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        else:  # OLMo 1: classic pre-norm with parameter-free LayerNorms
-            self.input_layernorm = LayerNorm()
-            self.post_attention_layernorm = LayerNorm()
+        if self.kind == "linear_attention":  # Olmo Hybrid: Gated DeltaNet, pre-norm, with norms of its own names
+            self.linear_attn = GatedDeltaNet(config)
+            self.attention_layer_norm, self.feedforward_layer_norm = make_norm(config), make_norm(config)
+            return
+        self.self_attn = Attention(config)
+        if config.norm_after:  # OLMo 2/3. Careful: in Llama (and OLMoE) the same name is the norm BEFORE the MLP
+            self.post_attention_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
+        else:  # OLMo 1, OLMoE: classic pre-norm
+            self.input_layernorm = make_norm(config)
+            self.post_attention_layernorm = make_norm(config)
 
-    def forward(self, x, cos, sin, mask, kv=None):
+    def forward(self, x, cos, sin, mask, state=None):
+        if self.kind == "linear_attention":
+            x = x + self.linear_attn(self.attention_layer_norm(x), mask, state)
+            return x + self.mlp(self.feedforward_layer_norm(x))
         if self.norm_after:
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, kv))
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, state))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, state)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -336,7 +584,7 @@ class OlmoModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else LayerNorm()
+        self.norm = make_norm(config)
         self.inv_freqs = {}  # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
 
     def rope(self, yarn, device):
@@ -362,22 +610,32 @@ class OlmoModel(nn.Module):
             pos = t[None]  # (1, T) positions for RoPE
         else:  # a left-padded row starts counting positions at its first real token
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        # RoPE and the mask depend only on a layer's kind (full or sliding): compute each kind once
-        layer_kvs = cache.layers if cache is not None else [None] * len(self.layers)
-        kinds = {}
-        for layer, kv in zip(self.layers, layer_kvs):
-            window = layer.self_attn.sliding_window
-            if window not in kinds:
-                yarn = window is None and self.config.rope_scaling is not None  # YaRN on full layers only
-                key_t = kv.key_times(T) if kv is not None else t
-                cos_sin = rope_cos_sin(*self.rope(yarn, pos.device), pos)
-                kinds[window] = (*cos_sin, make_mask(t, key_t, window, attention_mask))
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        inputs = {}  # (cos, sin, mask) depend only on a layer's kind: made once per kind
+        for layer, state in zip(self.layers, states):
+            if layer.kind not in inputs:
+                inputs[layer.kind] = self.layer_inputs(layer.kind, state, t, pos, attention_mask)
         x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
-        for layer, kv in zip(self.layers, layer_kvs):
-            x = layer(x, *kinds[layer.self_attn.sliding_window], kv)
+        for layer, state in zip(self.layers, states):
+            x = layer(x, *inputs[layer.kind], state)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def layer_inputs(self, kind, state, t, pos, attention_mask):
+        """RoPE's cos and sin, and the mask, for the layers of one kind in a step of the time steps t."""
+        if kind == "linear_attention":  # Gated DeltaNet: no positions; the padding of these tokens is zeroed
+            return None, None, None if attention_mask is None else attention_mask[:, -len(t):]
+        window = self.config.sliding_window if kind == "sliding_attention" else None
+        key_t = state.key_times(len(t)) if state is not None else t
+        mask = make_mask(t, key_t, window, attention_mask)
+        if self.config.rope_theta is None:  # NoPE: attention without positions (Olmo Hybrid)
+            return None, None, mask
+        yarn = kind == "full_attention" and self.config.rope_scaling is not None  # YaRN on full layers only
+        cos, sin = rope_cos_sin(*self.rope(yarn, pos.device), pos)
+        if self.config.rope_in_model_dtype:  # OLMoE
+            cos, sin = cos.to(self.embed_tokens.weight.dtype), sin.to(self.embed_tokens.weight.dtype)
+        return cos, sin, mask
 
 
 def make_mask(t, key_t, window, attention_mask):
@@ -420,11 +678,17 @@ class OlmoForCausalLM(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if self.config.num_experts and self.config.output_router_logits:  # training a mixture of experts
+                router_logits = [layer.mlp.router_logits for layer in self.model.layers]
+                mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+                aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok, mask)
+                loss = loss + self.config.router_aux_loss_coef * aux
         return logits, loss
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
         p = self.model.embed_tokens.weight
-        kv_heads = self.model.layers[0].self_attn.n_kv_head  # fewer than the config's under tensor parallelism
+        attn = next(layer.self_attn for layer in self.model.layers if hasattr(layer, "self_attn"))
+        kv_heads = attn.n_kv_head  # fewer than the config's under tensor parallelism
         return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
 
     @classmethod
@@ -452,6 +716,9 @@ def cuda_graph_decoder(model, cache):
     A replay returns the same tensor every time, overwritten by the next step."""
     if not cache.static:
         raise ValueError("a CUDA graph replays fixed shapes: make the cache with new_cache(..., static=True)")
+    if model.config.num_experts:
+        raise ValueError("a mixture of experts picks its experts on the host every step: it cannot be replayed "
+                         "from a CUDA graph")
     graph, calls, token_in, logits_out = torch.cuda.CUDAGraph(), 0, None, None
 
     def step(token):
@@ -489,8 +756,12 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, kv_heads, device, dtype, static=False):
         self.max_len, self.length, self.static = max_len, 0, static  # length: time steps stored so far
         self.device_length = torch.zeros((), dtype=torch.long, device=device) if static else None
-        sizes = [max_len if kind == "full_attention" else min(max_len, config.sliding_window) for kind in config.layer_types]
-        self.layers = [LayerKV(self, (batch_size, kv_heads, s, config.head_dim), device, dtype) for s in sizes]
+        def layer(kind):
+            if kind == "linear_attention":  # Gated DeltaNet: a state of fixed size instead of keys and values
+                return GDNState(config, batch_size, device, dtype)
+            size = max_len if kind == "full_attention" else min(max_len, config.sliding_window)
+            return LayerKV(self, (batch_size, kv_heads, size, config.head_dim), device, dtype)
+        self.layers = [layer(kind) for kind in config.layer_types]
 
     def check_room(self, T):
         if self.length + T > self.max_len:
@@ -546,6 +817,18 @@ class LayerKV:
             return K, V
         n = min(self.cache.length + T, size)
         return K[:, :, :n], V[:, :, :n]
+
+
+class GDNState:
+    """One Gated DeltaNet layer's part of a KVCache: the last K-1 inputs of its convolution (model dtype) and its
+    state S (float32, as the reference keeps it). Updated in place, so a CUDA graph can replay the updates."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        c = config
+        channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        self.conv = torch.zeros(batch_size, channels, c.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
+        self.S = torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
+                             device=device, dtype=torch.float32)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -634,7 +917,7 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None):
     state = {}
     for f in files:  # each tensor placed as it is read, so a rank never holds the whole model
         if f.suffix == ".safetensors":
-            state.update(read_safetensors(f, lambda name, t: place(t, params.get(name), device, dtype), as_is))
+            state.update(read_safetensors(f, lambda name, t: place(name, t, params.get(name), device, dtype), as_is))
         else:
             state.update(read_torch_checkpoint(f))
     if any(k.startswith(("transformer.", "model.transformer.")) for k in state):
@@ -643,11 +926,13 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None):
     return model.eval()
 
 
-def place(t, param, device=None, dtype=None):
+def place(name, t, param, device=None, dtype=None):
     """A checkpoint tensor as its parameter needs it: on the device, in dtype (None: as stored), and under
     tensor parallelism only this rank's slice of it."""
     if hasattr(t, "placements"):  # placed already
         return t
+    if name.endswith(".A_log") and dtype is not None:  # Gated DeltaNet's decay rates: the reference keeps them
+        dtype = torch.float32  # in float32 whatever the model's dtype (exp(A_log) scales every step's decay)
     t = t.to(device=device or "cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
     if hasattr(param, "placements"):  # split across ranks by tensor_parallel
         from torch.distributed.tensor import distribute_tensor
@@ -706,6 +991,8 @@ def config_from_ai2(c, source):
         and not c.get("layer_norm_with_affine")
     if not (olmo1 or olmo2):
         bad.append("a norm layout that is neither OLMo 1's nor OLMo 2's")
+    if olmo2 and c.get("clip_qkv"):  # AI2's trainer clips before the QK-norm; only OLMoE clips beside one (after)
+        bad.append(f"clip_qkv={c['clip_qkv']} with the QK-norm")
     if bad:
         raise ValueError(f"{source}: not a released OLMo architecture ({', '.join(bad)})")
     d, heads = c["d_model"], c["n_heads"]
@@ -792,8 +1079,13 @@ def load_weights(model, state, source, device=None, dtype=None):
     if tied:
         state.pop("lm_head.weight", None)  # a tied checkpoint may or may not store the shared matrix twice
         expected.pop("lm_head.weight")
+    hybrid_as_saved(state, expected)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
+    experts = {int(n.split(".")[5]) for n in state if re.match(r"model\.layers\.0\.mlp\.experts\.\d+\.", n)}
+    if model.config.num_experts and experts and len(experts) != model.config.num_experts:
+        raise ValueError(f"{source}: the checkpoint has {len(experts)} experts per layer (in layer 0), but the config "
+                         f"says num_experts={model.config.num_experts}")
     if missing or unexpected:
         listed = lambda label, names: f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
         raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
@@ -802,10 +1094,28 @@ def load_weights(model, state, source, device=None, dtype=None):
         if tuple(state[name].shape) != tuple(p.shape):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
                              f"the config expects {tuple(p.shape)}")
-        state[name] = place(state[name], p, device, dtype)
+        state[name] = place(name, state[name], p, device, dtype)
     model.load_state_dict(state, assign=True, strict=not tied)
     if tied:  # assign=True replaced the embedding Parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def hybrid_as_saved(state, expected):
+    """Olmo Hybrid as transformers 5.24's save_pretrained writes it, beside the Hub's layout (its loader undoes both):
+    - it renames every post_attention_layernorm to feedforward_layer_norm, in the attention layers too, where the
+      norm is the one after attention;
+    - it splits a Gated DeltaNet layer's concatenated q/k/v convolution into three EQUAL parts (e.g. 19/19/18
+      channels for widths 16/16/24) instead of at the q, k and v widths: glue them and split at the widths."""
+    for name in [n for n in state if n.endswith(".feedforward_layer_norm.weight") and n not in expected]:
+        state[name.replace("feedforward_layer_norm", "post_attention_layernorm")] = state.pop(name)
+    for name in [n for n in state if n.endswith("linear_attn.q_conv1d.weight")]:
+        names = [name.replace("q_conv1d", c) for c in ("q_conv1d", "k_conv1d", "v_conv1d")]
+        if not all(n in state and n in expected for n in names):
+            continue  # reported as missing or unexpected
+        widths = [expected[n].shape[0] for n in names]
+        parts = [state[n] for n in names]
+        if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
+            state.update(zip(names, torch.cat(parts).split(widths)))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -817,7 +1127,7 @@ class ShardedRMSNorm(RMSNorm):
     ranks all-reduce their sums of squares; the weight is sharded like the heads."""
 
     def __init__(self, norm, mesh):
-        super().__init__(norm.weight.shape[0], norm.eps)
+        super().__init__(norm.weight.shape[0], norm.eps, norm.rounds_first)
         from torch.distributed.tensor import Shard, distribute_tensor
 
         self.weight = nn.Parameter(distribute_tensor(norm.weight.data, mesh, [Shard(0)]))
@@ -828,7 +1138,7 @@ class ShardedRMSNorm(RMSNorm):
 
         xf = x.float()
         squares = all_reduce(xf.pow(2).sum(-1, keepdim=True), "sum", self.mesh)
-        return (self.weight.to_local() * (xf * torch.rsqrt(squares / self.width + self.eps))).to(x.dtype)
+        return self.times_weight(xf * torch.rsqrt(squares / self.width + self.eps), self.weight.to_local(), x.dtype)
 
 
 def tensor_parallel(model, mesh):
@@ -841,11 +1151,16 @@ def tensor_parallel(model, mesh):
     c, n = model.config, mesh.size()
     if c.num_attention_heads % n or c.num_key_value_heads % n:
         raise ValueError(f"{n} ranks cannot split {c.num_attention_heads} query / {c.num_key_value_heads} key-value heads evenly")
+    if "linear_attention" in c.layer_types:
+        raise ValueError("tensor parallelism does not split Olmo Hybrid's Gated DeltaNet layers; run it on one device")
     plan = {}
     for i in range(c.num_hidden_layers):
         plan |= {f"model.layers.{i}.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-        plan |= {f"model.layers.{i}.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")}
-        plan |= {f"model.layers.{i}.self_attn.o_proj": RowwiseParallel(), f"model.layers.{i}.mlp.down_proj": RowwiseParallel()}
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+        # a mixture of experts: the router stays whole (every rank routes alike), each expert is split as an MLP
+        mlps = [f"model.layers.{i}.mlp.experts.{e}" for e in range(c.num_experts)] if c.num_experts else [f"model.layers.{i}.mlp"]
+        for mlp in mlps:
+            plan |= {f"{mlp}.gate_proj": ColwiseParallel(), f"{mlp}.up_proj": ColwiseParallel(), f"{mlp}.down_proj": RowwiseParallel()}
     if not c.tie_word_embeddings:  # a tied head is the embedding, which stays whole
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(model, mesh, plan)

@@ -136,6 +136,16 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         logits = decode(next_id)
 
 
+def weights_read_per_token(model):
+    """The weights that one decode step at batch 1 reads: every parameter but the embedding table (of which it
+    reads one row; a tied head reads all of it), and of a mixture of experts only num_experts_per_tok experts per
+    layer (here the first ones, standing in for the chosen ones, which have the same sizes)."""
+    k = model.config.num_experts_per_tok or 0
+    unchosen = lambda name: ".experts." in name and int(name.split(".experts.")[1].split(".")[0]) >= k
+    embedding = "model.embed_tokens.weight" if not model.config.tie_word_embeddings else None
+    return [p for name, p in model.named_parameters() if name != embedding and not unchosen(name)]
+
+
 # ---- chat template -------------------------------------------------------------------------------------------
 
 
@@ -234,8 +244,10 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
     """Print tokens as they come. A UTF-8 character can span tokens: the incremental decoder holds its
     first bytes back until the rest arrives, so no broken character is ever printed."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there)
-    graph = args.compile and args.device.type == "cuda" and not torch.distributed.is_initialized()
+    # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there;
+    # not for a mixture of experts, whose routing picks experts on the host)
+    graph = args.compile and args.device.type == "cuda" and not torch.distributed.is_initialized() \
+        and not model.config.num_experts
     n, sync = 0, torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -258,9 +270,7 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
         peak = f"{torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB GPU"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB RSS"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
-    if model.config.tie_word_embeddings:  # the head IS the embedding, and it is read every step
-        weights += model.model.embed_tokens.weight.nbytes
+    weights = sum(p.nbytes for p in weights_read_per_token(model))
     print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill:.1f} tok/s, "
           f"decode {n} tokens at {decode:.1f} tok/s ({decode * weights / 1e9:.1f} GB/s of weights), peak {peak}",
           file=sys.stderr)

@@ -14,8 +14,11 @@ times decoding replayed from a CUDA graph ("+graph"), eager and (with --compile)
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import re
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,8 @@ import torch
 
 import olmo
 import sample
+
+TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
 
 
 def parse_args():
@@ -42,10 +47,24 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement (best is kept)")
     p.add_argument("--no-reference", action="store_true", help="do not run transformers even if installed")
     p.add_argument("--profile", action="store_true", help="also print where our decode steps spend their time, by kernel")
-    p.add_argument("--load-child", nargs=3, metavar=("IMPL", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--quantize", choices=["int8", "int4"], help="in-process part: our model with quantized weights")
+    p.add_argument("--parts", default="inprocess,processes",
+                   help="inprocess (the table of in-process timings), processes (whole sample.py processes against a "
+                        "transformers script; CPU only), or both")
+    p.add_argument("--variants", default="bf16,int8",
+                   help="processes part: weight formats, each against its transformers peer (int8: torchao's "
+                        "int8 weight-only, where torchao is installed; int4: ours alone)")
+    p.add_argument("--process-rounds", type=int, default=3, help="processes part: rounds (medians are reported)")
+    p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
     args.dtype = getattr(torch, args.dtype)
+    args.parts = set(args.parts.split(","))
+    if args.parts - {"inprocess", "processes"}:
+        p.error(f"--parts: expected inprocess and/or processes, got {','.join(args.parts)}")
+    args.variants = args.variants.split(",")
+    if set(args.variants) - {"bf16", "int8", "int4"}:
+        p.error(f"--variants: expected bf16, int8 and/or int4, got {','.join(args.variants)}")
     return args
 
 
@@ -111,16 +130,22 @@ def save_checkpoint(model, folder):
         f.write(len(head).to_bytes(8, "little") + head)
         for v in state.values():
             f.write(v.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    # the family's real tokenizer, for the whole-process runs (OLMo 1 and OLMoE: GPT-NeoX; the others: dolma2)
+    neox = model.config.model_type in ("olmo", "olmoe")
+    tokenizer = TOKENIZERS / ("allenai_gpt-neox-olmo-dolma-v1_5.json" if neox else "allenai_dolma2.json")
+    shutil.copy(tokenizer, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>" if not neox else "<|padding|>",
+                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def load_child(impl, folder, dtype):
-    """Run in a fresh process: load, run one token (so lazily mapped weights are really read), report."""
-    dtype = getattr(torch, dtype)
+def load_child(impl, folder, dtype, quantize):
+    """Run in a fresh process: load, run one token, report."""
+    dtype, quantize = getattr(torch, dtype), None if quantize == "None" else quantize
     if impl == "hf":  # imported before the clock starts, as olmo is
         from transformers import AutoModelForCausalLM
     t = time.perf_counter()
     if impl == "ours":
-        model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=quantize)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     loaded = time.perf_counter() - t
@@ -132,9 +157,9 @@ def load_child(impl, folder, dtype):
     print(json.dumps({"load_s": loaded, "load_and_first_token_s": first, "peak_rss_gb": peak_kb * 1024 / 1e9}))
 
 
-def measure_load(impl, folder, dtype):
-    r = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder), str(dtype).split(".")[1]],
-                       capture_output=True, text=True)
+def measure_load(impl, folder, dtype, quantize=None):
+    r = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder), str(dtype).split(".")[1],
+                        str(quantize)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"loading with {impl} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -173,15 +198,17 @@ class Ours:
         return step
 
     def weights_alone(self):
-        """A function that multiplies every weight matrix a decode step reads by a vector and does nothing else: the
-        floor of a decode step's time, for comparison with the step."""
-        mats = [w for w in sample.weights_read_per_token(self.model) if w.dim() == 2]
-        xs = {n: torch.randn(n, device=mats[0].device, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
+        """A function that runs every linear layer a decode step reads on one row and does nothing else: the floor
+        of a decode step's time, for comparison with the step."""
+        read = {id(w) for w in sample.weights_read_per_token(self.model)}
+        layers = [m for m in self.model.modules() if isinstance(m, (olmo.Linear, olmo.QuantizedLinear)) and id(m.weight) in read]
+        p = self.model.model.embed_tokens.weight
+        xs = {m.in_features: torch.randn(1, m.in_features, device=p.device, dtype=p.dtype) for m in layers}
 
         @torch.inference_mode()
         def run():
-            for w in mats:
-                torch.mv(w, xs[w.shape[1]])
+            for m in layers:
+                m(xs[m.in_features])
         return run
 
 
@@ -221,7 +248,7 @@ def decode_rate(impl, batch, args):
 def paired_fractions(impl, args, per_token, steps=24):
     """Decode steps at batch 1 as a fraction of the memory bandwidth, robust to drift: each step is timed right
     after a 1 GiB read, and the fraction is the median over steps of (weight bytes / step time) / (read speed).
-    The same for the weight matrices alone, without the rest of the step (norms, RoPE, attention, cache)."""
+    The same for the linear layers alone, without the rest of the step (norms, RoPE, attention, cache)."""
     buf = torch.ones(256 * 1024 * 1024, device=args.device)  # float32, 1 GiB
     ids = random_ids(args, (1, args.prompt_len))
     step, alone = impl.stepper(ids, steps), impl.weights_alone()
@@ -269,8 +296,6 @@ def main():
         except ImportError:
             print("transformers is not installed: reporting olmo.py alone", file=sys.stderr)
             have_reference = False
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    read_bw, copy_bw = memory_bandwidth(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model)
         if not folder.is_dir():  # a preset: random weights, saved so that both implementations load the same file
@@ -284,47 +309,162 @@ def main():
             folder = Path(tmp)
             save_checkpoint(model, folder)
             del model
-        ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
-        load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype)
-        impls, cuda = {"ours": Ours(load())}, args.device.type == "cuda"
-        args.vocab_size = impls["ours"].model.config.vocab_size
-        if cuda:  # the same model, its decode steps replayed from a CUDA graph
-            impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
-        if args.compile:
-            impls["ours+compile+graph" if cuda else "ours+compile"] = Ours(olmo.compile_blocks(load()), cuda_graph=cuda)
-        if have_reference:
-            impls["transformers"] = Reference(folder, args.device, args.dtype)
-        model = impls["ours"].model
-        per_token = sum(p.nbytes for p in sample.weights_read_per_token(model))  # each weight once, and one row of
-        # the embedding table (of a mixture of experts, only the experts a token is routed to)
-        # Alternate the implementations for every measurement and keep each one's best: on a shared machine
-        # the speed drifts by 10-20% over minutes, and back-to-back blocks would turn that drift into a ratio.
-        rows = {key: {} for key in impls}
-        measurements = [("decode_b1", lambda impl: decode_rate(impl, 1, args)),
-                        (f"decode_b{args.batch}", lambda impl: decode_rate(impl, args.batch, args)),
-                        ("prefill", lambda impl: prefill_rate(impl, args))]
-        for name, measure in measurements:
-            for _ in range(args.rounds):
-                read_bw, copy_bw = (max(a, b) for a, b in zip((read_bw, copy_bw), memory_bandwidth(args.device)))
-                for key, impl in impls.items():
-                    rows[key][name] = max(rows[key].get(name, 0.0), measure(impl))
-            print(f"{name}: " + ", ".join(f"{k} {r[name]:.2f}" for k, r in rows.items()), file=sys.stderr, flush=True)
-        for r in rows.values():
-            r["bandwidth"] = r["decode_b1"] * per_token
-        variants = {key: impl for key, impl in impls.items() if isinstance(impl, Ours)}
-        paired = {key: paired_fractions(impl, args, per_token) for key, impl in variants.items()}
-        if args.profile:
-            for key, impl in variants.items():
-                print(f"\nprofile of {key}, decode at batch 1:\n" + "\n".join(profile_steps(impl, args)))
-        del impls, model
-        if not args.skip_load and args.device.type == "cpu":
-            for _ in range(args.rounds):
-                for key, child in [("ours", "ours"), ("transformers", "hf")]:
-                    if key in rows:
-                        m = measure_load(child, folder, args.dtype)
-                        for k, v in m.items():
-                            rows[key][k] = min(rows[key].get(k, float("inf")), v)
+        if "inprocess" in args.parts:
+            in_process(args, folder, have_reference)
+        if "processes" in args.parts and args.device.type == "cpu":
+            whole_processes(args, folder, have_reference)
+
+
+def in_process(args, folder, have_reference):
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    read_bw, copy_bw = memory_bandwidth(args.device)
+    ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    impls, cuda = {"ours": Ours(load())}, args.device.type == "cuda"
+    args.vocab_size = impls["ours"].model.config.vocab_size
+    if cuda and not impls["ours"].model.config.num_experts:  # the same model, decode steps replayed from a CUDA graph
+        impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
+    if args.compile:
+        graph = cuda and not impls["ours"].model.config.num_experts
+        impls["ours+compile+graph" if graph else "ours+compile"] = Ours(olmo.compile_blocks(load()), cuda_graph=graph)
+    if have_reference:
+        impls["transformers"] = Reference(folder, args.device, args.dtype)
+    model = impls["ours"].model
+    per_token = sum(p.nbytes for p in sample.weights_read_per_token(model))  # each weight once, and one row of
+    # the embedding table (of a mixture of experts, only the experts a token is routed to)
+    # Alternate the implementations for every measurement and keep each one's best: on a shared machine
+    # the speed drifts by 10-20% over minutes, and back-to-back blocks would turn that drift into a ratio.
+    rows = {key: {} for key in impls}
+    measurements = [("decode_b1", lambda impl: decode_rate(impl, 1, args)),
+                    (f"decode_b{args.batch}", lambda impl: decode_rate(impl, args.batch, args)),
+                    ("prefill", lambda impl: prefill_rate(impl, args))]
+    for name, measure in measurements:
+        for _ in range(args.rounds):
+            read_bw, copy_bw = (max(a, b) for a, b in zip((read_bw, copy_bw), memory_bandwidth(args.device)))
+            for key, impl in impls.items():
+                rows[key][name] = max(rows[key].get(name, 0.0), measure(impl))
+        print(f"{name}: " + ", ".join(f"{k} {r[name]:.2f}" for k, r in rows.items()), file=sys.stderr, flush=True)
+    for r in rows.values():
+        r["bandwidth"] = r["decode_b1"] * per_token
+    variants = {key: impl for key, impl in impls.items() if isinstance(impl, Ours)}
+    paired = {key: paired_fractions(impl, args, per_token) for key, impl in variants.items()}
+    if args.profile:
+        for key, impl in variants.items():
+            print(f"\nprofile of {key}, decode at batch 1:\n" + "\n".join(profile_steps(impl, args)))
+    del impls, model
+    if not args.skip_load and args.device.type == "cpu":
+        for _ in range(args.rounds):
+            for key, child in [("ours", "ours"), ("transformers", "hf")]:
+                if key in rows:
+                    m = measure_load(child, folder, args.dtype, args.quantize if key == "ours" else None)
+                    for k, v in m.items():
+                        rows[key][k] = min(rows[key].get(k, float("inf")), v)
     report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token)
+
+
+# ---- whole processes: the speed a user sees ------------------------------------------------------------------
+
+PROMPT = ("The Open Language Model project publishes everything needed to study a language model: the data, the "
+          "training code, the checkpoints along the way and the evaluations. ")
+
+PEER = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, prompt_file, n, dtype, variant = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+kwargs = {}
+if variant == "int8":  # torchao's int8 weight-only quantization, as transformers offers it
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+    kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
+ids = tokenizer(open(prompt_file).read(), return_tensors="pt").input_ids
+t = time.perf_counter()
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=tokenizer.pad_token_id or 0)
+seconds = time.perf_counter() - t
+print(tokenizer.decode(out[0, ids.shape[1]:]))
+print(f"prompt {ids.shape[1]} tokens, generated {out.shape[1] - ids.shape[1]} in {seconds:.3f}s", file=sys.stderr)
+"""
+
+
+def process_command(impl, variant, folder, prompt_file, n, dtype):
+    name = str(dtype).split(".")[1]
+    if impl == "transformers":
+        return [sys.executable, "-c", PEER, str(folder), str(prompt_file), str(n), name, variant]
+    command = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(folder), "--prompt-file",
+               str(prompt_file), "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu", "--dtype", name]
+    return command + (["--quantize", variant] if variant != "bf16" else [])
+
+
+def run_process(command):
+    """Wall seconds of a whole process, and what it said on stderr (sample.py: its statistics line)."""
+    t = time.perf_counter()
+    r = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{r.stderr[-2000:]}")
+    return seconds, r.stderr
+
+
+def whole_processes(args, folder, have_reference):
+    """Decoding as a user meets it: whole `python sample.py` processes and whole processes of a transformers script
+    (generate(), as its documentation shows), both generating N and 1 new tokens from the same prompt; the decode
+    rate is (N - 1) / (time(N) - time(1)), which leaves out starting, loading and the prompt. The processes run
+    one after the other, alternating, round after round (the machine drifts by the minute); medians are reported,
+    with the read bandwidth measured between them. Prefill: a 512-token prompt and 1 new token, as each process
+    times it itself (sample.py's statistics line; the script times its generate() call)."""
+    peers = {"bf16": have_reference, "int8": have_reference and importlib.util.find_spec("torchao") is not None,
+             "int4": False}
+    runs = [(impl, v) for v in args.variants for impl in (["olmo.py"] + (["transformers"] if peers[v] else []))]
+    n = args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        short, long = Path(tmp) / "short.txt", Path(tmp) / "long.txt"
+        tokenizer = olmo.load_tokenizer(folder)
+        short.write_text(PROMPT)
+        text = PROMPT * (args.prefill_len // len(tokenizer.encode(PROMPT)) + 2)
+        long.write_text(tokenizer.decode(tokenizer.encode(text)[:args.prefill_len]))
+        times = {run: {"n": [], "1": [], "prefill": []} for run in runs}
+        reads = []
+        for r in range(args.process_rounds):
+            for run in runs:
+                reads.append(memory_bandwidth(torch.device("cpu"))[0])
+                for key, prompt, count in (("n", short, n), ("1", short, 1), ("prefill", long, 1)):
+                    seconds, err = run_process(process_command(*run, folder, prompt, count, args.dtype))
+                    times[run][key].append(seconds if key != "prefill" else prefill_from(err, run[0]))
+                decode = (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
+                print(f"round {r + 1}: {run[0]} {run[1]}: decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
+    model_bytes = {}
+    for v in args.variants:
+        with torch.device("meta"):
+            meta = olmo.OlmoForCausalLM(olmo.read_config(folder))
+        if v != "bf16":
+            meta = olmo.quantize(meta.to_empty(device="cpu"), v, args.dtype)
+        model_bytes[v] = sum(p.numel() * p.element_size() for p in sample.weights_read_per_token(meta))
+    read_bw = statistics.median(reads)
+    print(f"\nwhole processes, {args.model}, {str(args.dtype).split('.')[1]} activations, CPU, "
+          f"{args.process_rounds} rounds, medians; read bandwidth {read_bw / 1e9:.1f} GB/s (median of the run)")
+    print(f"{'':28s}{'decode tok/s':>14s}{'of read bw':>12s}{'load+1st tok s':>16s}{'prefill tok/s':>15s}{'vs transformers':>17s}")
+    decode = {run: statistics.median((n - 1) / (a - b) for a, b in zip(times[run]["n"], times[run]["1"])) for run in runs}
+    for impl, v in runs:
+        t, peer = times[impl, v], decode.get(("transformers", v))
+        ratio = f"{decode[impl, v] / peer:17.2f}" if impl == "olmo.py" and peer else ""
+        print(f"{impl + ' ' + v:28s}{decode[impl, v]:14.2f}{decode[impl, v] * model_bytes[v] / read_bw:12.0%}"
+              f"{statistics.median(t['1']):16.2f}{statistics.median(t['prefill']):15.1f}{ratio}")
+    key = f"KEY processes {args.model}:"
+    for v in args.variants:
+        key += f" {v} {decode['olmo.py', v]:.2f} tok/s ({decode['olmo.py', v] * model_bytes[v] / read_bw:.0%} of read bandwidth"
+        key += f", {decode['olmo.py', v] / decode['transformers', v]:.2f}x transformers" if ("transformers", v) in decode else ""
+        key += f", {decode['olmo.py', v] / decode['olmo.py', 'bf16']:.2f}x our bf16)," if v != "bf16" and "bf16" in args.variants else "),"
+    print(key)
+
+
+def prefill_from(stderr, impl):
+    """Prefill tokens/s from a process's own report of its 512-token prompt."""
+    if impl == "olmo.py":
+        return float(re.search(r"prefill ([\d.]+) tok/s", stderr).group(1))
+    m = re.search(r"prompt (\d+) tokens, generated \d+ in ([\d.]+)s", stderr)
+    return int(m.group(1)) / float(m.group(2))
 
 
 def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
@@ -351,7 +491,7 @@ def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token
           f"{ours['bandwidth'] / read_bw:.0%} ({ours['bandwidth'] / copy_bw:.0%} of the copy bandwidth)")
     for key, f in paired.items():
         print(f"  {key}: each step timed right after a 1 GiB read, median of the pairs: {f['step']:.0%}; "
-              f"the weight matrices alone (torch.mv each, nothing else): {f['weights alone']:.0%}")
+              f"the linear layers alone (one row each, nothing else): {f['weights alone']:.0%}")
     key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1"
     for name, f in paired.items():  # each of our variants: tok/s (ratio to transformers, paired bandwidth fraction)
         key += f" {name} {rows[name]['decode_b1']:.2f} tok/s ("
@@ -370,6 +510,6 @@ def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token
 if __name__ == "__main__":
     if "--load-child" in sys.argv:
         i = sys.argv.index("--load-child")
-        load_child(*sys.argv[i + 1:i + 4])
+        load_child(*sys.argv[i + 1:i + 5])
     else:
         main()

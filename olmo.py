@@ -258,18 +258,57 @@ def make_norm(config, dim=None):
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_rounds_first)
 
 
+# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and slow on the others (AVX2 and
+# plain AVX512 hosts, most laptops): there PyTorch multiplies bfloat16 at 16-50 GFLOP/s against 80-175 in float32
+# (a 512x2048 by 2048x8192 product, measured on two such hosts). So on those CPUs a step of many tokens (a prompt)
+# multiplies in float32, converting each weight as it is used: memory and decoding stay bfloat16.
+CPU_BF16_IS_FAST = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+MANY_ROWS = 32  # tokens per step from which float32 wins there (8192x2048 weight: 32 rows 20 vs 30 ms, 4 rows 12 vs 11)
+
+
 class Linear(nn.Linear):
-    """nn.Linear without bias. Decoding one token on a CPU is a matrix-VECTOR product: torch.mv streams the weight
-    ~25% faster than the one-row matmul that F.linear runs there (bf16), and decode speed is that stream. Not on a
-    GPU: cuBLAS does as well either way, and torch.compile turns torch.mv into slower kernels of its own."""
+    """nn.Linear without bias, multiplied as fast as the CPU allows (on other devices, F.linear). Decoding one token
+    is a matrix-VECTOR product: torch.mv streams a bfloat16 weight 1.2-1.5x faster than the one-row matmul F.linear
+    runs on a CPU, and decode speed is that stream. Not on a GPU: cuBLAS does as well either way, and torch.compile
+    turns torch.mv into slower kernels of its own."""
 
     def __init__(self, fan_in, fan_out):
         super().__init__(fan_in, fan_out, bias=False)
 
     def forward(self, x):
-        if x.numel() == x.shape[-1] and x.device.type == "cpu":  # a single row
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        if x.device.type == "cpu":
+            if x.numel() == x.shape[-1]:  # a single row
+                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+            if x.dtype == torch.bfloat16 and not CPU_BF16_IS_FAST and x.numel() >= MANY_ROWS * x.shape[-1] \
+                    and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
+                return matmul_in_float32(x, self.weight)
         return F.linear(x, self.weight)
+
+
+FLOAT32_BLOCK = 1 << 24  # elements of weight converted at a time: 64 MB, allocated once
+
+
+def matmul_in_float32(x, weight, scales=None):
+    """x @ (weight * scales[:, None]).T with float32 arithmetic, for a bfloat16 (or int8, with scales) weight: a block
+    of its rows at a time is converted into one reused float32 buffer (converting into fresh memory costs more in
+    page faults than the conversion itself: 34 ms against 8 ms for 16M weights). Rounded to x's dtype once."""
+    global _float32_buffer
+    if _float32_buffer is None:
+        _float32_buffer = torch.empty(FLOAT32_BLOCK)
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(x32.shape[0], weight.shape[0])
+    rows = max(1, FLOAT32_BLOCK // weight.shape[1])
+    for i in range(0, weight.shape[0], rows):
+        w = weight[i:i + rows]
+        block = _float32_buffer[:w.numel()].view(w.shape)
+        block.copy_(w)
+        out[:, i:i + rows] = x32 @ block.t()
+    if scales is not None:
+        out *= scales.float()
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+_float32_buffer = None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -692,8 +731,8 @@ class OlmoForCausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None):
-        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh)
+    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
+        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantization=quantize)
 
 
 def compile_blocks(model):
@@ -839,15 +878,15 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path, convert=None, as_is=None):
+def read_safetensors(path, convert=None, mapped=False):
     """{name: tensor} from a .safetensors file, each tensor read straight into its own memory and passed through
     convert(name, tensor) (to a dtype, a device, a rank's slice) before the next is read: the peak is one model
     plus one tensor.
-    Where as_is(name, dtype) says a tensor needs no conversion, it is not read at all but mapped: a view of the
-    file, private (copy-on-write: writing to the weights never changes the file), whose pages come from the page
-    cache when first touched. Loading then costs almost nothing and the weights are the page cache's own pages
-    (decoding from them is as fast: OLMo-2 1B bf16 on CPU, steps interleaved, 67-69% vs 69-74% of the read
-    bandwidth). Do not overwrite the file while such a model lives: its weights would change under it.
+    mapped: tensors are not read but mapped, each a view of the file, private (copy-on-write:
+    writing to it never changes the file), whose pages come from the page cache when first touched. That costs no
+    time and no memory of its own, but decoding from such pages is slower than from memory that was read (OLMo-2 1B
+    bf16, whole sample.py processes, medians of 4: 4.9 vs 5.2 tok/s), so only weights that are converted right
+    away (quantized) are mapped. Do not overwrite the file while a mapped tensor lives.
     Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
     path = Path(path)
     size = path.stat().st_size
@@ -861,7 +900,7 @@ def read_safetensors(path, convert=None, as_is=None):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
         header.pop("__metadata__", None)
-        out, mapped = {}, None
+        out, mapping = {}, None
         for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
             file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
             if file_dtype is None:
@@ -873,10 +912,10 @@ def read_safetensors(path, convert=None, as_is=None):
                 raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data (shape {shape}, "
                                  f"{info['dtype']}) but the file has {size - 8 - n}: truncated or corrupt")
             offset = 8 + n + begin
-            if as_is and as_is(name, file_dtype) and offset % file_dtype.itemsize == 0:
-                if mapped is None:
-                    mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)  # private map
-                t = mapped[offset:offset + nbytes].view(file_dtype).view(shape)
+            if mapped and offset % file_dtype.itemsize == 0:
+                if mapping is None:
+                    mapping = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)  # private map
+                t = mapping[offset:offset + nbytes].view(file_dtype).view(shape)
                 out[name] = convert(name, t) if convert else t
             else:
                 out[name] = _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert)
@@ -894,7 +933,7 @@ def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert):
     return convert(name, t) if convert else t
 
 
-def load_model(name_or_folder, device=None, dtype=None, mesh=None):
+def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=None):
     """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B').
 
     A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
@@ -902,7 +941,29 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None):
     model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt).
     The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
     the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
-    split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight."""
+    split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight.
+    quantization "int8" or "int4" (see quantize): the checkpoint is mapped as stored, its linear layers quantized
+    one at a time, and the other weights converted to dtype in their own memory, which releases the file: the peak
+    is about the quantized model plus one layer's weight (OLMo-2 13B loads in int8 on a 24 GB machine)."""
+    if quantization is None:
+        return read_model(name_or_folder, device, dtype, mesh)
+    if mesh is not None:
+        raise ValueError("quantization is not combined with tensor parallelism")
+    if quantization == "int4" and device is not None and torch.device(device).type != "cpu":
+        raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
+    model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    quantize(model, quantization, dtype)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype, copy=True)
+    return model.to(device or "cpu")
+
+
+def read_model(name_or_folder, device=None, dtype=None, mesh=None, mapped=False):
+    """load_model's reading: the checkpoint's tensors, placed as they are read, become the parameters of a model
+    built on the meta device. mapped: safetensors weights are mapped from the file rather than read (see
+    read_safetensors), for a model that is converted right away."""
     folder = resolve_checkpoint(name_or_folder)
     config = read_config(folder)
     files, source = checkpoint_files(folder)
@@ -911,13 +972,10 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None):
     if mesh is not None:
         tensor_parallel(model, mesh)
     params = dict(model.state_dict(keep_vars=True))
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    # tensors that place() would leave as they are: mapped from the file rather than read
-    as_is = lambda name, file_dtype: on_cpu and mesh is None and dtype in (None, file_dtype)
     state = {}
     for f in files:  # each tensor placed as it is read, so a rank never holds the whole model
         if f.suffix == ".safetensors":
-            state.update(read_safetensors(f, lambda name, t: place(name, t, params.get(name), device, dtype), as_is))
+            state.update(read_safetensors(f, lambda name, t: place(name, t, params.get(name), device, dtype), mapped))
         else:
             state.update(read_torch_checkpoint(f))
     if any(k.startswith(("transformer.", "model.transformer.")) for k in state):
@@ -1116,6 +1174,96 @@ def hybrid_as_saved(state, expected):
         parts = [state[n] for n in names]
         if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
             state.update(zip(names, torch.cat(parts).split(widths)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Weight-only quantization. Decoding reads every weight once per token, so fewer bytes per weight decode faster
+# wherever memory bandwidth is the limit, and a model fits in less memory (OLMo-2 13B: 27 GB in bfloat16, 14 GB
+# in int8). Activations, norms and the embedding table stay as they are: the embedding is read one row per token,
+# so quantizing it would save memory but no time.
+
+QUANTIZATIONS = {"int8": 8, "int4": 4}
+INT4_GROUP = 32  # inputs that share an int4 scale and offset
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer whose weight is stored in fewer bits and expanded as it is used.
+      int8: w = s q, q = round(w / s) in [-127, 127], one scale s = max|w| / 127 per output row (symmetric).
+      int4: w = s (q - 8) + z for each group of 32 inputs of a row: q in [0, 15], s = (max - min) / 15 and
+            z = min + 8 s, so the group's range spreads over the 16 levels. Packed two to a byte in the layout of
+            PyTorch's CPU kernel: int4 runs on CPUs only."""
+
+    def __init__(self, weight, bits, dtype):
+        super().__init__()
+        self.bits, (self.out_features, self.in_features) = bits, weight.shape
+        with torch.no_grad():
+            q, scales = quantize_int8(weight, dtype) if bits == 8 else quantize_int4(weight, dtype)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)  # int4: (in / 32, out, 2) scale and offset
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        if self.bits == 4:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales)
+        elif x.device.type != "cpu" or torch.is_grad_enabled():
+            out = F.linear(x2, self.dequantize())  # the plain math (a GPU compiles it into one kernel)
+        elif x2.shape[0] < MANY_ROWS and x.dtype == self.scales.dtype != torch.float32:
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # PyTorch's int8 CPU kernel
+        else:  # a prompt, or float32 activations (for which that kernel is slow)
+            out = matmul_in_float32(x2, self.weight, self.scales)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self):  # int8 only
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+
+def quantize_int8(w, dtype, rows=256):
+    """A float weight (out, in) -> int8 q and scales (out,) in dtype, a few rows at a time (the float32 temporaries
+    stay in the cache: 3.5x faster than whole matrices). q is rounded against the scale as stored, so s q is the
+    nearest level (and the clamp catches a scale that rounding made smaller)."""
+    q, scales = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0], dtype=dtype)
+    for i in range(0, w.shape[0], rows):
+        block = w[i:i + rows].float()
+        lo, hi = torch.aminmax(block, dim=1)
+        s = (torch.maximum(-lo, hi) / 127).clamp_(min=1e-12).to(dtype)
+        q[i:i + rows] = block.div_(s.float()[:, None]).round_().clamp_(-127, 127)
+        scales[i:i + rows] = s
+    return q, scales
+
+
+def quantize_int4(w, dtype, rows=256):
+    """A float weight (out, in) -> int4 levels packed for the CPU kernel, and (in / 32, out, 2) scales and offsets."""
+    q, s = torch.empty(w.shape, dtype=torch.int32), torch.empty(w.shape[0], w.shape[1] // INT4_GROUP)
+    lo = torch.empty_like(s)
+    for i in range(0, w.shape[0], rows):
+        g = w[i:i + rows].float().view(-1, w.shape[1] // INT4_GROUP, INT4_GROUP)  # (rows, groups, 32)
+        g_lo, g_hi = torch.aminmax(g, dim=-1)
+        g_s = ((g_hi - g_lo) / 15).clamp_(min=1e-6)
+        q[i:i + rows] = g.sub_(g_lo[..., None]).div_(g_s[..., None]).round_().clamp_(0, 15).view(-1, w.shape[1])
+        s[i:i + rows], lo[i:i + rows] = g_s, g_lo
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    return packed, torch.stack([s, lo + 8 * s], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+def quantize(model, mode, dtype=None):
+    """Replace the linear layers of every block and an untied lm_head by QuantizedLinear ("int8" or "int4"), one at a
+    time: the peak is the quantized model plus one weight being converted. A mixture's router (a small matrix whose
+    rounding could flip a close routing decision) stays as it is. int4 needs out % 16 == 0 and in % 32 == 0 (the
+    kernel's tiles); a layer that is not so shaped (OLMo 3's 100278-row lm_head) gets int8. dtype: the activations'
+    (default: the weights')."""
+    if mode not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {mode!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not Linear or (isinstance(parent, MoE) and name == "gate") or (tied and child is model.lm_head):
+                continue
+            w = child.weight
+            if w.device.type != "cpu" and mode == "int4":
+                raise ValueError("int4 uses PyTorch's CPU kernel: quantize on the CPU, or use int8")
+            bits = 4 if mode == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % INT4_GROUP == 0 else 8
+            setattr(parent, name, QuantizedLinear(w, bits, dtype or w.dtype).to(w.device))
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------

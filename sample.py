@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 (float16 on mps)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
@@ -206,7 +208,8 @@ def main(argv=None):
         folder = olmo.resolve_checkpoint(args.model)
         tokenizer = olmo.load_tokenizer(folder)
         t0 = time.perf_counter()
-        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh)
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh,
+                                                     quantize=args.quantize)
         load_s = time.perf_counter() - t0
         if args.compile:
             olmo.compile_blocks(model)
@@ -228,7 +231,8 @@ def main(argv=None):
                      f"exceeds the model's context of {context} tokens")
     stops = stop_ids(folder, model.config, tokenizer, args.chat)
     generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
-    print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}, {args.device}) in {load_s:.1f}s",
+    quantized = f", {args.quantize} weights" if args.quantize else ""
+    print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{quantized}, {args.device}) in {load_s:.1f}s",
           file=sys.stderr)
     for i in range(args.num_samples):
         if i:

@@ -80,9 +80,10 @@ def test_float32_logits_match_reference(case, attn):
     assert max_diff(logits, ref["logits"]) < F32_TOL
 
 
+@pytest.mark.parametrize("matmul", ["bfloat16", "float32"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("case", CASES)
-def test_bfloat16_logits_within_reference_rounding(case, attn):
+def test_bfloat16_logits_within_reference_rounding(case, attn, matmul, monkeypatch):
     # bfloat16 keeps 8 significant bits, so logits of size ~4 round in steps of 1/32, and 2-4 layers of such
     # rounding move them by a few steps: the reference's own bf16 logits differ from its float32 ones by
     # 0.045-0.082 on these fixtures. Ours must be as close to float32 as that, within a factor 1.5 (a
@@ -92,13 +93,17 @@ def test_bfloat16_logits_within_reference_rounding(case, attn):
     # two experts, which moves logits by a whole expert's contribution (the reference's own bf16 error is 1.1 on
     # olmoe). So the new fixtures also hold the reference's bf16 logits with the eager attention, and each of our
     # paths must equal the reference's bf16 logits of the same kernel to 1/32 (they are bitwise equal today).
+    # On CPUs without fast bfloat16 arithmetic a step of 32+ tokens multiplies in float32 (olmo.Linear): the sums
+    # run in another order than in the bfloat16 kernel, and a last-bit difference grows to two rounding steps of
+    # the largest logit (0.041 on the hybrid fixture; the others stay bitwise equal). Both paths are tested.
+    monkeypatch.setattr(olmo, "CPU_BF16_IS_FAST", matmul == "bfloat16")
     ref = reference(case)
     logits, _ = load(case, attn, torch.bfloat16)(ref["input_ids"])
     assert logits.dtype == torch.bfloat16
     ref_error = max_diff(ref["logits_bf16"], ref["logits"])
     same_kernel = ref["logits_bf16"] if attn == "sdpa" else ref.get("logits_bf16_eager")
     if same_kernel is not None:
-        assert max_diff(logits, same_kernel) <= 1 / 32
+        assert max_diff(logits, same_kernel) <= (1 if matmul == "bfloat16" else 2) / 32
     if same_kernel is None or case not in MOE:
         assert max_diff(logits, ref["logits"]) <= 1.5 * ref_error
 
@@ -525,6 +530,69 @@ def test_hybrid_config_rope_theta_null_means_no_rope():
         olmo.OlmoConfig(model_type="olmo3", num_hidden_layers=1, layer_types=["linear_attention"])
 
 
+# ---- weight-only quantization ----------------------------------------------------------------------------------
+
+
+def fake_quantized(model, bits):
+    """The plain math that QuantizedLinear must match: each weight it would replace, rounded to its levels and kept
+    in float32 (int8: per row, symmetric; int4: per group of 32, over the group's range)."""
+    model = copy.deepcopy(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for parent in model.modules():
+        for name, m in parent.named_children():
+            if type(m) is not olmo.Linear or (isinstance(parent, olmo.MoE) and name == "gate") or (tied and m is model.lm_head):
+                continue
+            w = m.weight.data
+            if bits == 8 or w.shape[0] % 16 or w.shape[1] % 32:
+                s = w.abs().amax(1, keepdim=True) / 127
+                m.weight.data = (w / s).round().clamp(-127, 127) * s
+            else:
+                g = w.view(w.shape[0], -1, 32)
+                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+                s = (hi - lo) / 15
+                m.weight.data = (((g - lo) / s).round().clamp(0, 15) * s + lo).view(w.shape)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("case", CASES)
+def test_quantized_logits_match_the_fake_quantized_math(case, mode):
+    # in float32 the quantized model computes what rounding its weights does (to 3e-6..7e-6 here; the hybrid's
+    # recurrence carries the last bits further: 6e-5), so its logits move from the float32 reference by that
+    # rounding's error and no more; in bfloat16 by at most 1.5x that plus the reference's own bfloat16 error
+    ref = reference(case)
+    ids = ref["input_ids"]
+    fq = fake_quantized(load(case), 8 if mode == "int8" else 4)(ids)[0]
+    fq_error = max_diff(fq, ref["logits"])
+    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize=mode)
+    left = [name for name, m in ours.named_modules() if type(m) is olmo.Linear]  # routers, a tied head
+    assert all(name.endswith("mlp.gate") or name == "lm_head" and ours.config.tie_word_embeddings for name in left)
+    assert max_diff(ours(ids)[0], fq) < (HYBRID_STEP_TOL if case == "olmo_hybrid" else F32_TOL)
+    bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
+    assert max_diff(bf16(ids)[0], ref["logits"]) <= 1.5 * fq_error + max_diff(ref["logits_bf16"], ref["logits"])
+
+
+def test_matmul_in_float32_block_by_block(monkeypatch):
+    monkeypatch.setattr(olmo, "FLOAT32_BLOCK", 3 * 40)  # three rows of 40 at a time: 7 blocks for 20 rows
+    monkeypatch.setattr(olmo, "_float32_buffer", None)
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 40).bfloat16(), torch.randn(20, 40).bfloat16()
+    expected = (x.float() @ w.float().t()).bfloat16()
+    assert max_diff(olmo.matmul_in_float32(x, w), expected) == 0
+    q, s = torch.randint(-127, 128, (20, 40), dtype=torch.int8), torch.rand(20)
+    expected = x.float() @ (q.float() * s[:, None]).t()
+    assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
+
+
+def test_quantization_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        olmo.quantize(load("olmo2"), "int3")
+    with pytest.raises(ValueError, match="int4 uses PyTorch's CPU kernel"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize="int4")
+    with pytest.raises(ValueError, match="not combined with tensor parallelism"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
+
+
 # ---- config -------------------------------------------------------------------------------------------------
 
 
@@ -694,20 +762,25 @@ def test_load_converts_dtype():
     assert not any(p.is_meta for p in model.parameters())
 
 
-def test_weights_that_need_no_conversion_are_mapped_copy_on_write(tmp_path):
+def test_weights_are_read_into_their_own_memory(tmp_path):
+    # not mapped from the file: decoding from mapped pages was slower (see read_safetensors)
     folder, ref = _folder(tmp_path), reference("olmo2")
-    size = (folder / "model.safetensors").stat().st_size
-    model = olmo.OlmoForCausalLM.from_pretrained(folder)  # float32 as stored, on the CPU: views of the file
-    assert all(p.untyped_storage().nbytes() == size for p in model.parameters())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()  # copy-on-write: the model's pages change, the file does not
-    before = (folder / "model.safetensors").read_bytes()
-    del model
-    assert (folder / "model.safetensors").read_bytes() == before
+    for dtype in (None, torch.bfloat16):
+        model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype)
+        assert all(p.untyped_storage().nbytes() == p.nbytes for p in model.parameters())
     assert max_diff(olmo.OlmoForCausalLM.from_pretrained(folder)(ref["input_ids"])[0], ref["logits"]) < F32_TOL
-    converted = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)  # read, each its own memory
-    assert all(p.untyped_storage().nbytes() == p.nbytes for p in converted.parameters())
+
+
+def test_mapped_tensors_are_copy_on_write(tmp_path):
+    folder = _folder(tmp_path)
+    size = (folder / "model.safetensors").stat().st_size
+    state = olmo.read_safetensors(folder / "model.safetensors", mapped=True)  # views of the file
+    assert all(t.untyped_storage().nbytes() == size for t in state.values())
+    before = (folder / "model.safetensors").read_bytes()
+    for t in state.values():
+        t.zero_()  # copy-on-write: the pages in memory change, the file does not
+    del state
+    assert (folder / "model.safetensors").read_bytes() == before
 
 
 LOAD_PEAK = """
@@ -717,17 +790,22 @@ def peak_kb():  # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent
 with torch.device("meta"):  # torch's one-time start-up memory (~70 MB of code and tables) before the baseline
     olmo.OlmoForCausalLM(olmo.OlmoConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=1, num_key_value_heads=1))
-base = peak_kb()
-model = olmo.OlmoForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-print((peak_kb() - base) * 1024, sum(p.nbytes for p in model.parameters()))
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+base, base_rss = peak_kb(), rss_kb()
+model = olmo.OlmoForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
+                                             quantize=None if sys.argv[3] == "none" else sys.argv[3])
+print((peak_kb() - base) * 1024, (rss_kb() - base_rss) * 1024, sum(p.nbytes for p in model.parameters()))
 """
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_loading_holds_the_weights_once(dtype, tmp_path):
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")])
+def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
     # a float32 checkpoint of ~190 MB, loaded as is and converted to bfloat16: loading may add to the model's own
     # memory at most the one file tensor being read (when converting) and a fixed 32 MiB (allocator, threads);
-    # a second copy of the weights would add >= 134 MB
+    # a second copy of the weights would add >= 134 MB. Quantized: the file is mapped and its pages count while
+    # touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is converted;
+    # afterwards the mapping is released and the resident memory is the quantized model's
     safetensors = pytest.importorskip("safetensors.torch")
     config = olmo.OlmoConfig(model_type="olmo2", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
                              num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
@@ -735,13 +813,16 @@ def test_loading_holds_the_weights_once(dtype, tmp_path):
         names = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()}
     safetensors.save_file({k: torch.randn(s) for k, s in names.items()}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.__dict__.items() if k != "attn_implementation"}))
-    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path), dtype], capture_output=True, text=True,
-                       cwd=Path(__file__).parent)
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path), dtype, quantize], capture_output=True,
+                       text=True, cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr
-    peak, model_bytes = map(int, r.stdout.split())
+    peak, resident, model_bytes = map(int, r.stdout.split())
     in_flight = 4 * max(s.numel() for s in names.values()) if dtype == "bfloat16" else 0
-    extra = peak - model_bytes
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size if quantize != "none" else 0
+    extra = peak - model_bytes - file_bytes
     assert extra <= in_flight + 32 * 2**20, f"loading added {extra / 2**20:.0f} MiB beyond the model ({model_bytes / 2**20:.0f} MiB)"
+    if quantize != "none":
+        assert resident - model_bytes <= 32 * 2**20, f"{(resident - model_bytes) / 2**20:.0f} MiB resident beyond the model"
 
 
 def _folder(tmp_path, case="olmo2"):
@@ -947,19 +1028,32 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile"]])
+@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "int8"]])
 def test_bench_runs_and_reports(extra):
     # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
                         "--dtype", "float32", "--device", "cpu", "--rounds", "1", "--new-tokens", "4",
-                        "--prefill-len", "8", "--batch", "2", *extra], capture_output=True, text=True, timeout=600)
+                        "--prefill-len", "8", "--batch", "2", "--parts", "inprocess", *extra],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
     with_reference = not extra and importlib.util.find_spec("transformers") is not None
     assert ("transformers" in lines[-1]) == with_reference
-    assert any(line.startswith("peak RSS GB") for line in lines) and "weight matrices alone" in r.stdout
+    assert any(line.startswith("peak RSS GB") for line in lines) and "linear layers alone" in r.stdout
     assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
+
+
+def test_bench_whole_processes_run_and_report(tmp_path):
+    # sample.py and the transformers script as whole processes, bf16 and int8 (int8's peer needs torchao)
+    e2e_checkpoint("olmo2", tmp_path)
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(tmp_path),
+                        "--parts", "processes", "--variants", "bf16,int8", "--process-rounds", "1", "--new-tokens", "6",
+                        "--prefill-len", "32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    assert key.startswith("KEY processes") and "bf16" in key and "x transformers" in key and "x our bf16" in key
+    assert "olmo.py int8" in r.stdout and "transformers bf16" in r.stdout
 
 
 @pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])

@@ -809,6 +809,19 @@ class KVCache:
     def past(self):  # what the next step's time steps count from
         return self.device_length if self.static else self.length
 
+    def rewind(self, length):
+        """Forget every time step from `length` on (a chat whose history renders differently from what was fed);
+        False where that cannot be done: a Gated DeltaNet state holds no past, and a ring that has wrapped has
+        overwritten steps the earlier position needs."""
+        if length == self.length:
+            return True
+        if any(isinstance(layer, GDNState) or layer.k.shape[2] < self.length for layer in self.layers):
+            return False
+        self.length = length
+        if self.static:
+            self.device_length.fill_(length)
+        return True
+
     def advance(self, T):
         self.length += T
         if self.static:

@@ -24,7 +24,8 @@ import olmo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).")
     p.add_argument("--model", default="allenai/OLMo-2-0425-1B", help="checkpoint folder or Hugging Face Hub id")
-    p.add_argument("--prompt", default="", help="the prompt text; '-' reads it from stdin; empty: start a new document")
+    p.add_argument("--prompt", help="the prompt text; '-' reads it from stdin; empty: start a new document; "
+                                     "with --chat and no prompt: a conversation, one message per line")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (always the most likely token)")
@@ -37,7 +38,12 @@ def parse_args(argv=None):
                    help="auto: bfloat16 (float16 on mps)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="talk with an instruct model through its chat template: one reply to --prompt, or, without "
+                        "--prompt, a conversation (/reset, /system TEXT, /quit; Ctrl-C stops a reply, Ctrl-D quits)")
+    p.add_argument("--system", help="with --chat: the system message (default: the template's own)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="a conversation's length limit in tokens (at most the model's context), which sizes its cache")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
                         "(no gain on a small CPU; compiling takes a minute)")
@@ -48,8 +54,8 @@ def parse_args(argv=None):
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        p.error("--max-new-tokens and --num-samples must be >= 1")
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.max_context < 2:
+        p.error("--max-new-tokens and --num-samples must be >= 1, --max-context >= 2")
     if args.prompt_file:
         try:
             args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -57,6 +63,11 @@ def parse_args(argv=None):
             p.error(f"--prompt-file: {e}")
     elif args.prompt == "-":
         args.prompt = sys.stdin.read()
+    if args.system is not None and not args.chat:
+        p.error("--system needs --chat")
+    args.conversation = args.chat and args.prompt is None  # messages come from stdin, one per line
+    if args.prompt is None:
+        args.prompt = ""
     try:
         args.device = pick_device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -121,12 +132,14 @@ def decoder(model, cache):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-             cuda_graph=False):
+             cuda_graph=False, cache=None):
     """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens.
-    cuda_graph: replay the decode steps from a CUDA graph (see olmo.cuda_graph_decoder)."""
+    cuda_graph: replay the decode steps from a CUDA graph (see olmo.cuda_graph_decoder). cache: a KVCache that
+    holds what came before prompt_ids (a conversation's earlier turns); it holds every token fed when done."""
     device = model.lm_head.weight.device
     ids = torch.tensor([prompt_ids], device=device)
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
+    if cache is None:
+        cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
     decode = decoder(model, cache)
     logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
     for _ in range(max_new_tokens):
@@ -163,8 +176,9 @@ def chat_template(folder):
     return config.get("chat_template"), specials
 
 
-def render_chat(template, specials, prompt):
-    """The user's prompt as one chat turn, ready for the assistant's reply; rendered as transformers does."""
+def render_chat(template, specials, messages):
+    """A conversation ({"role", "content"} dicts) as the model reads it, ready for the assistant's next reply;
+    rendered as transformers' apply_chat_template(messages, add_generation_prompt=True) does."""
     from jinja2.ext import loopcontrols  # jinja2 comes with torch
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -174,7 +188,6 @@ def render_chat(template, specials, prompt):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
-    messages = [{"role": "user", "content": prompt}]
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, **specials)
 
 
@@ -219,7 +232,15 @@ def main(argv=None):
         return 1
     if args.chat and not template:
         parser.error(f"--chat: the checkpoint in {folder} has no chat template")
-    text = render_chat(template, specials, args.prompt) if args.chat else args.prompt
+    stops = stop_ids(folder, model.config, tokenizer, args.chat)
+    generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+    quantized = f", {args.quantize} weights" if args.quantize else ""
+    print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{quantized}, {args.device}) in {load_s:.1f}s",
+          file=sys.stderr)
+    if args.conversation:
+        return converse(model, tokenizer, template, specials, args, stops, generator)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    text = render_chat(template, specials, system + [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:  # OLMo has no start token: begin a new document after an end-of-text token
         if tokenizer.eos_token_id is None:
@@ -229,45 +250,41 @@ def main(argv=None):
     if len(prompt_ids) + args.max_new_tokens > context:
         parser.error(f"the prompt is {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} that "
                      f"exceeds the model's context of {context} tokens")
-    stops = stop_ids(folder, model.config, tokenizer, args.chat)
-    generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
-    quantized = f", {args.quantize} weights" if args.quantize else ""
-    print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{quantized}, {args.device}) in {load_s:.1f}s",
-          file=sys.stderr)
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         if not args.chat:  # echo the prompt, then stream the continuation after it
             print(args.prompt, end="", flush=True)
-        if not stream(model, tokenizer, prompt_ids, args, stops, generator):
+        if stream(model, tokenizer, prompt_ids, args, stops, generator)[1]:
             return 130
     return 0
 
 
-def stream(model, tokenizer, prompt_ids, args, stops, generator):
-    """Print tokens as they come. A UTF-8 character can span tokens: the incremental decoder holds its
-    first bytes back until the rest arrives, so no broken character is ever printed."""
+def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max_new_tokens=None):
+    """Print tokens as they come, then a statistics line on stderr; returns (the new tokens, interrupted). A UTF-8
+    character can span tokens: the incremental decoder holds its first bytes back until the rest arrives, so no
+    broken character is ever printed. cache: a conversation's, holding its earlier turns."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there;
-    # not for a mixture of experts, whose routing picks experts on the host)
+    # not for a mixture of experts, whose routing picks experts on the host; not in a conversation)
     graph = args.compile and args.device.type == "cuda" and not torch.distributed.is_initialized() \
-        and not model.config.num_experts
-    n, sync = 0, torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+        and not model.config.num_experts and cache is None
+    tokens, sync = [], torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     t1, interrupted = t0, False
     try:
-        for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              stops, generator, graph):
-            if n == 0:
+        for token in generate(model, prompt_ids, max_new_tokens or args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, stops, generator, graph, cache):
+            if not tokens:
                 t1 = time.perf_counter()  # the prompt is processed and the first token sampled
-            n += 1
+            tokens.append(token)
             if token not in stops:
                 print(decoder.decode(tokenizer.decode_bytes([token])), end="", flush=True)
     except KeyboardInterrupt:
         interrupted = True
     print(decoder.decode(b"", final=True), flush=True)
-    t2 = time.perf_counter()
+    t2, n = time.perf_counter(), len(tokens)
     prefill = len(prompt_ids) / (t1 - t0) if n else 0.0
     decode = (n - 1) / (t2 - t1) if n > 1 else 0.0
     if args.device.type == "cuda":
@@ -278,7 +295,73 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator):
     print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill:.1f} tok/s, "
           f"decode {n} tokens at {decode:.1f} tok/s ({decode * weights / 1e9:.1f} GB/s of weights), peak {peak}",
           file=sys.stderr)
-    return not interrupted
+    return tokens, interrupted
+
+
+# ---- a conversation ------------------------------------------------------------------------------------------
+
+HELP = "/reset starts a new conversation, /system TEXT sets the system message, /quit (or Ctrl-D) ends; Ctrl-C stops a reply"
+
+
+def converse(model, tokenizer, template, specials, args, stops, generator, keep_cache=True):
+    """A conversation: each message read from stdin (one per line; a terminal gets line editing and history from
+    readline) is added to the history, the whole history is rendered with the chat template as transformers
+    renders it, and the reply streams. The KV cache outlives the turns: a turn feeds only the tokens that follow
+    the longest prefix it shares with what the cache holds (the template may render earlier turns differently,
+    e.g. drop a Think model's reasoning: the cache is rewound to where they part). keep_cache=False recomputes
+    every turn from scratch (tests compare the two)."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        try:
+            import readline  # noqa: F401  (input() gets line editing and history)
+        except ImportError:
+            pass
+        print(HELP, file=sys.stderr)
+    max_len = min(args.max_context, model.config.max_position_embeddings)
+    system, messages = args.system, []
+    cache, cached = None, []  # the KV cache and the token ids whose keys and values it holds
+    while True:
+        try:
+            line = input("> ") if terminal else sys.stdin.readline() or None  # None: the end of the input
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a new line, as a shell does
+            print(file=sys.stderr)
+            continue
+        except EOFError:  # Ctrl-D
+            line = None
+        if line is None or line.strip() == "/quit":
+            return 0
+        line = line.rstrip("\n")
+        if line.startswith("/reset"):
+            messages, cache, cached = [], None, []
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            print(f"(system message: {system!r}; the conversation continues)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history = ([{"role": "system", "content": system}] if system else []) + messages
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.encode(render_chat(template, specials, history))
+        if len(ids) >= max_len:
+            print(f"(the conversation would be {len(ids)} tokens; the context holds {max_len} (--max-context): "
+                  "/reset starts a new one)", file=sys.stderr)
+            continue
+        keep = 0
+        while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
+            keep += 1
+        if cache is None or not keep_cache or not cache.rewind(keep):
+            cache, keep = model.new_cache(1, max_len), 0
+        room = max_len - len(ids)
+        reply, interrupted = stream(model, tokenizer, ids[keep:], args, stops, generator, cache,
+                                    min(args.max_new_tokens, room))
+        if len(reply) == room and reply[-1] not in stops:
+            print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
+        cached = (ids + reply)[:cache.length]
+        if interrupted and "linear_attention" in model.config.layer_types:
+            cache = None  # a Gated DeltaNet state cut off mid-step is not to be trusted
+        messages += [history[-1], {"role": "assistant", "content": tokenizer.decode([t for t in reply if t not in stops])}]
 
 
 if __name__ == "__main__":

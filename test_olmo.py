@@ -3,6 +3,7 @@ and, where transformers is installed, against the reference classes directly."""
 
 import copy
 import importlib.util
+import io
 import json
 import os
 import re
@@ -1064,7 +1065,7 @@ def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     template_text, specials = sample.chat_template(tmp_path)
-    assert sample.render_chat(template_text, specials, "What is 2+2?") == expected
+    assert sample.render_chat(template_text, specials, messages) == expected
     tokenizer = olmo.load_tokenizer(tmp_path)
     assert tokenizer.encode(expected) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                                 return_dict=False)
@@ -1077,12 +1078,131 @@ def test_chat_generation_stops_at_end_of_turn(tmp_path):
     config = olmo.read_config(tmp_path)
     assert sample.stop_ids(tmp_path, config, tokenizer, chat=True) == {100257, im_end}
     prompt = "Hello there"
-    text = sample.render_chat(CHATML, {}, prompt)
+    text = sample.render_chat(CHATML, {}, [{"role": "user", "content": prompt}])
     new = reference_greedy(cls, tmp_path, tokenizer.encode(text), 30, eos=[100257, im_end])
     r = run_sample("--model", str(tmp_path), "--chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30",
                    "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert r.stdout == tokenizer.decode(new) + "\n"  # only the reply is printed
+
+
+# ---- a conversation (sample.py --chat without --prompt) -----------------------------------------------------
+
+# like a Think model's template, which drops the reasoning from earlier replies: the history renders differently
+# from what was generated, so the cache must be rewound to where the two part
+TRUNCATING = CHATML.replace("m['content'] + '<|im_end|>", "(m['content'][:7] if m['role'] == 'assistant' else m['content']) + '<|im_end|>")
+MESSAGES = ["Hello there!", "What is the capital of France?", "Tell me more about it."]
+
+
+def reference_conversation(cls, folder, messages, n, system=None):
+    """Each reply as the reference makes it: greedy generate() on apply_chat_template of the history so far."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>") if t in tok.get_vocab()]
+    history, replies, lengths = [{"role": "system", "content": system}] if system else [], [], []
+    for message in messages:
+        history.append({"role": "user", "content": message})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+        lengths.append(len(ids))
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stops)
+        new = out[0, len(ids):].tolist()
+        replies.append(tok.decode(new[:-1] if new[-1] in stops else new, skip_special_tokens=False))
+        history.append({"role": "assistant", "content": replies[-1]})
+    return replies, lengths
+
+
+@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3"), (TRUNCATING, "olmo2")],
+                         ids=["tulu", "chatml", "truncating"])
+def test_conversation_equals_reference_turn_by_turn(template, family, tmp_path):
+    cls = e2e_checkpoint(family, tmp_path, chat_template=template)
+    expected, lengths = reference_conversation(cls, tmp_path, MESSAGES, 12, system="Be brief.")
+    r = run_sample("--model", str(tmp_path), "--chat", "--system", "Be brief.", "--temperature", "0",
+                   "--max-new-tokens", "12", "--dtype", "float32", stdin="\n".join(MESSAGES) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(reply + "\n" for reply in expected)
+    assert r.stderr.count("decode ") == 3  # a statistics line per reply
+    # the cache: turns 2 and 3 feed only what follows the prefix that the cache holds, where it can be rewound to
+    # where the new rendering parts from what was fed (the reply as generated and as tokenized again can differ);
+    # olmo3's sliding layers keep rings of 6 here, which have wrapped: those turns are computed again
+    fed = [int(n) for n in re.findall(r"prompt (\d+) tokens", r.stderr)]
+    assert fed[0] == lengths[0]
+    assert (fed[1] < lengths[1] and fed[2] < lengths[2]) if family == "olmo2" else fed[1:] == lengths[1:]
+
+
+@pytest.mark.parametrize("template,family", [(CHATML, "olmo3"), (TRUNCATING, "olmo3"), (CHATML, "olmo_hybrid")],
+                         ids=["chatml", "truncating", "hybrid"])
+def test_cached_conversation_equals_recomputing_every_turn(template, family, tmp_path, monkeypatch, capsys):
+    e2e_checkpoint(family, tmp_path, chat_template=template)
+    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
+    args = sample.parse_args(["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "10",
+                              "--device", "cpu"])[1]
+    stops = sample.stop_ids(tmp_path, model.config, tokenizer, True)
+    outputs = []
+    for keep_cache in (True, False):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(MESSAGES) + "\n"))
+        assert sample.converse(model, tokenizer, template, {}, args, stops, None, keep_cache) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) >= 3
+
+
+def test_conversation_keeps_an_interrupted_reply(tmp_path, monkeypatch, capsys):
+    # Ctrl-C during a reply stops it; the partial reply stays in the history, and the conversation goes on
+    e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
+    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
+    args = sample.parse_args(["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "10"])[1]
+    generate, histories = sample.generate, []
+
+    def interrupted_after_3(*a, **k):
+        for i, token in enumerate(generate(*a, **k)):
+            if i == 3 and not histories[1:]:
+                raise KeyboardInterrupt
+            yield token
+    monkeypatch.setattr(sample, "generate", interrupted_after_3)
+    render = sample.render_chat
+    monkeypatch.setattr(sample, "render_chat", lambda t, s, messages: histories.append(list(messages)) or render(t, s, messages))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First\nSecond\n"))
+    assert sample.converse(model, tokenizer, CHATML, {}, args, sample.stop_ids(tmp_path, model.config, tokenizer, True), None) == 0
+    out, err = capsys.readouterr()
+    assert "interrupted; " in err and len(histories) == 2
+    partial = out.splitlines()[0]
+    assert histories[1][:2] == [{"role": "user", "content": "First"}, {"role": "assistant", "content": partial}]
+    assert len(tokenizer.encode(partial)) == 3
+
+
+def test_conversation_commands_and_a_full_context(tmp_path):
+    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
+    common = ["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32"]
+    r = run_sample(*common, stdin="Hello\n/reset\nHello\n/system Be nice.\n\n/quit\nnot read\n")
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()[:2]
+    assert first == second and len(r.stdout.splitlines()) == 2  # /reset: the same first turn again; /quit ends
+    assert "(a new conversation)" in r.stderr and "system message: 'Be nice.'" in r.stderr
+    # the first turn is 13 tokens: its reply fills the remaining 5 of 18; the second turn does not fit
+    r = run_sample(*common, "--max-context", "18", stdin="Hi\nHi again\n")
+    assert r.returncode == 0, r.stderr
+    assert "decode 5 tokens" in r.stderr and "(the context is full: /reset starts a new conversation)" in r.stderr
+    assert "the context holds 18 (--max-context): /reset starts a new one" in r.stderr
+
+
+def test_conversation_in_a_terminal_ends_with_ctrl_d(tmp_path):
+    import pty
+    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--chat",
+                          "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"],
+                         stdin=follower, stdout=follower, stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    seen = b""
+    while seen.count(b"> ") < 1:  # the prompt, once the model is loaded
+        seen += os.read(leader, 1024)
+    os.write(leader, b"Hello\n")
+    while seen.count(b"> ") < 2:  # the reply, then the prompt again
+        seen += os.read(leader, 1024)
+    os.write(leader, b"\x04")  # Ctrl-D
+    assert p.wait(timeout=60) == 0
+    assert "/reset starts a new conversation" in p.stderr.read()
+    os.close(leader)
 
 
 def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ import copy
 import importlib.util
 import io
 import json
+import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -583,6 +585,30 @@ def test_matmul_in_float32_block_by_block(monkeypatch):
     q, s = torch.randint(-127, 128, (20, 40), dtype=torch.int8), torch.rand(20)
     expected = x.float() @ (q.float() * s[:, None]).t()
     assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
+
+
+def test_quantized_greedy_text_equals_bfloat16s():
+    # on the trained tiny OLMo (notebooks/tiny_olmo), whose bfloat16 greedy text equals its float32 text, int8's is
+    # the same over 64 tokens (int4, lossier, is not asked to)
+    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
+    common = ["--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64"]
+    texts = {name: run_sample(*common, *extra) for name, extra in [
+        ("float32", ["--dtype", "float32"]), ("bfloat16", ["--dtype", "bfloat16"]),
+        ("int8", ["--dtype", "bfloat16", "--quantize", "int8"])]}
+    assert all(r.returncode == 0 for r in texts.values()), [r.stderr for r in texts.values()]
+    assert texts["bfloat16"].stdout == texts["float32"].stdout and texts["int8"].stdout == texts["bfloat16"].stdout
+    assert "int8 weights" in texts["int8"].stderr
+    tokenizer = olmo.load_tokenizer(folder)
+    models = [olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q) for dtype, q in
+              [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8")]]
+    agree = 0
+    for prompt in ["The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
+        f32, bf16, int8, int8_f32 = [list(sample.generate(m, tokenizer.encode(prompt), 64)) for m in models]
+        if bf16 == f32:  # where bfloat16 itself keeps float32's text, so does int8
+            agree += 1
+            assert int8 == bf16, prompt
+        assert int8_f32 == f32, prompt  # int8 weights, float32 activations: float32's text everywhere here
+    assert agree >= 4
 
 
 def test_quantization_errors_are_clear():
@@ -1335,17 +1361,69 @@ def test_torchrun_sample_generates_the_single_process_text(tmp_path):
     assert r.stdout == single.stdout  # rank 0 prints, once
 
 
+# ---- the notebooks' exercises ----------------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parent / "notebooks"))
+import checks  # noqa: E402
+import solutions  # noqa: E402
+
+WRONG = {  # each exercise with a plausible mistake, which its check must catch
+    "parameter_count": lambda c: solutions.parameter_count(c) + c.vocab_size * c.hidden_size * c.tie_word_embeddings,
+    "rms_norm": lambda x, w, eps: (w * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)).to(x.dtype)
+    if x.dtype == torch.float32 else (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)),
+    "sliding_window_mask": lambda T, w: solutions.sliding_window_mask(T, None if w is None else w + 1),
+    "rope": lambda x, pos, theta: solutions.rope(x.flip(-1), pos, theta).flip(-1),  # interleaved pairs, not halves
+    "kv_cache_bytes": lambda c, t: 2 * c.num_key_value_heads * c.head_dim * 2 * t * c.num_hidden_layers,  # no windows
+    "longest_wavelength": lambda theta, hd: 2 * math.pi * theta,
+    "top_p": lambda logits, p: solutions.top_p(logits, p - 0.05),
+    "top_k": lambda logits, k: logits.softmax(-1).topk(k).values,  # not scattered back to the vocabulary
+    "bpe_encode": lambda piece, ranks: [ranks[bytes([b])] for b in piece],  # no merges
+    "att_proj_split": lambda w, c: tuple(w.chunk(3)),  # equal thirds: wrong under GQA
+    "bigram_bits_per_byte": lambda train, val: solutions.bigram_bits_per_byte(train, val) * math.log(2),  # nats
+    "olmo1_config": lambda c: c,
+    "routing": lambda logits, k, norm: torch.topk(logits, k, -1),  # logits, not probabilities
+    "active_parameters": lambda c: checks._count(c),  # every expert, and the embedding table
+    "delta_step": lambda S, q, k, v, g, beta: (S.T @ q, S + beta * torch.outer(k, v)),  # no decay, no delta
+    "state_bytes": lambda c: solutions.state_bytes(c) // 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRONG))
+def test_exercise_checks_pass_the_solution_and_catch_a_wrong_one(name, capsys):
+    check = getattr(checks, f"check_{name}")
+    assert check(getattr(solutions, name)) is True
+    assert capsys.readouterr().out.startswith("right")
+    assert check(WRONG[name]) is False
+    assert capsys.readouterr().out.startswith("not yet")
+    assert check(lambda *args: None) is False  # an unsolved exercise: no exception, a message
+    assert "returned None" in capsys.readouterr().out
+
+
 # ---- notebooks -------------------------------------------------------------------------------------------------
 
 NOTEBOOKS = sorted((Path(__file__).parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_six_committed_notebooks_with_outputs():
+def test_the_notebooks_are_committed_with_outputs_asserts_and_exercises():
     nbformat = pytest.importorskip("nbformat")
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
     for path in NOTEBOOKS:
-        outputs = [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+        cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        outputs = [o for c in cells for o in c.outputs]
         assert outputs and not any(o.output_type == "error" for o in outputs), path.name
+        assert not any(o.get("name") == "stderr" for o in outputs), path.name  # no warnings, no progress bars
+        source = "\n".join(c.source for c in cells)
+        assert source.count("assert ") >= 3, path.name  # checked against olmo.py at each stage
+        assert 2 <= len(re.findall(r"^check_\w+\(my_\w+\)$", source, re.M)) <= 4, path.name  # exercises
+
+
+def test_readme_first_command_runs_the_tiny_olmo_offline():
+    # the first set-up command of README.md: the checkpoint that notebook 06 trains, in the repository
+    readme = (Path(__file__).parent / "README.md").read_text()
+    command = shlex.split(re.search(r"python sample.py --model notebooks/tiny_olmo [^\n]*", readme).group())
+    r = subprocess.run([sys.executable, *command[1:]], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Return the") and len(r.stdout) > 40 and "decode" in r.stderr
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

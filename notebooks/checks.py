@@ -1,0 +1,271 @@
+"""Check cells for the notebooks' exercises: each check_* runs your function against olmo.py and says right or
+not yet, and why. It returns True or False and never raises, so a notebook with unsolved exercises still runs.
+Solutions, if you are stuck: solutions.py (the tests run every check on them, and on wrong answers)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # olmo.py and sample.py live one folder up
+import olmo  # noqa: E402
+import sample  # noqa: E402
+
+
+def _verdict(fn, cases):
+    """cases: (description, arguments, expected, compare) tuples; compare(got, expected) -> bool."""
+    name = getattr(fn, "__name__", "your function")
+    for description, args, expected, compare in cases:
+        try:
+            with torch.no_grad():
+                got = fn(*args)
+        except Exception as e:  # an exercise may still raise NotImplementedError, or fail in any other way
+            print(f"not yet: {name} raised {type(e).__name__}: {e} ({description})")
+            return False
+        if got is None:
+            print(f"not yet: {name} returned None ({description})")
+            return False
+        try:
+            ok = compare(got, expected)
+        except Exception as e:
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = f"got {_short(got)}, expected {_short(expected)}"
+        if not ok:
+            print(f"not yet: {description}: {why}")
+            return False
+    print(f"right: {name} passes all {len(cases)} checks")
+    return True
+
+
+def _short(x):
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}" + (f" ({x.flatten()[:4].tolist()}...)" if x.numel() else "")
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_short(v) for v in x) + ")"
+    return repr(x)
+
+
+def _close(tol):
+    return lambda got, expected: got.shape == expected.shape and (got.float() - expected.float()).abs().max().item() <= tol
+
+
+def _equal(got, expected):
+    return got == expected
+
+
+def _count(config):
+    with torch.device("meta"):
+        return sum(p.numel() for p in olmo.OlmoForCausalLM(config).parameters())
+
+
+# ---- 01: anatomy ----------------------------------------------------------------------------------------------
+
+def check_parameter_count(fn):
+    """fn(config) -> the number of parameters of OlmoForCausalLM(config), by formula."""
+    names = ["OLMo-1B-hf", "OLMo-7B-hf", "OLMo-2-0425-1B", "OLMo-2-0325-32B", "Olmo-3-1025-7B"]
+    return _verdict(fn, [(name, (olmo.OlmoConfig.from_name(name),), _count(olmo.OlmoConfig.from_name(name)), _equal)
+                         for name in names])
+
+
+def check_rms_norm(fn):
+    """fn(x, weight, eps) -> OLMo 2's RMSNorm of x: float32 inside, weight multiplied in float32, rounded once."""
+    torch.manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = (3 * torch.randn(2, 5, 64)).to(dtype), (1 + 0.3 * torch.randn(64)).to(dtype)
+        norm = olmo.RMSNorm(64, 1e-6).to(dtype)
+        norm.weight.data = w
+        cases.append((f"x in {dtype}", (x, w, 1e-6), norm(x), _close(0)))
+    return _verdict(fn, cases)
+
+
+# ---- 02: attention and positions -------------------------------------------------------------------------------
+
+def check_sliding_window_mask(fn):
+    """fn(T, window) -> (T, T) bool mask, True where query i may attend to key j (window counts the query itself;
+    window None: plain causal)."""
+    cases = []
+    for T, window in [(10, None), (10, 3), (7, 1), (12, 12)]:
+        t = torch.arange(T)
+        cases.append((f"T={T}, window={window}", (T, window), olmo.make_mask(t, t, window, None)[0, 0], _close(0)))
+    return _verdict(fn, cases)
+
+
+def check_rope(fn):
+    """fn(x, positions, theta) -> x (B, H, T, hd) rotated by RoPE at integer positions (T,), half-split form."""
+    torch.manual_seed(0)
+    x, pos = torch.randn(1, 2, 6, 16), torch.tensor([0, 1, 2, 7, 100, 4095])
+    cases = []
+    for theta in (10000.0, 500000.0):
+        config = olmo.OlmoConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, rope_theta=theta)
+        cos, sin = olmo.rope_cos_sin(*olmo.rope_frequencies(config, yarn=False), pos[None])
+        cases.append((f"theta {theta:g}", (x, pos, theta), olmo.apply_rope(x, cos, sin), _close(1e-5)))
+    return _verdict(fn, cases)
+
+
+# ---- 03: the generations -----------------------------------------------------------------------------------------
+
+def check_kv_cache_bytes(fn):
+    """fn(config, tokens) -> bytes of a bfloat16 KV cache for one sequence of `tokens` tokens (sliding-window
+    layers keep only their window)."""
+    cases = []
+    for name, tokens in [("OLMo-2-0425-1B", 4096), ("OLMo-2-0325-32B", 1000), ("Olmo-3-1025-7B", 65536),
+                         ("Olmo-3-1025-7B", 1000)]:
+        config = olmo.OlmoConfig.from_name(name)
+        with torch.device("meta"):
+            cache = olmo.KVCache(config, 1, tokens, config.num_key_value_heads, "meta", torch.bfloat16)
+        expected = sum(kv.k.nbytes + kv.v.nbytes for kv in cache.layers)
+        cases.append((f"{name}, {tokens} tokens", (config, tokens), expected, _equal))
+    return _verdict(fn, cases)
+
+
+def check_longest_wavelength(fn):
+    """fn(theta, head_dim) -> the longest RoPE wavelength in tokens: how far apart two positions must be before
+    the slowest-turning pair of dimensions comes round to the same angle."""
+    import math
+    cases = []
+    for theta in (10000.0, 500000.0):
+        config = olmo.OlmoConfig(hidden_size=128 * 16, num_attention_heads=16, num_key_value_heads=16, rope_theta=theta)
+        inv_freq, _ = olmo.rope_frequencies(config, yarn=False)
+        cases.append((f"theta {theta:g}", (theta, 128), 2 * math.pi / inv_freq.min().item(),
+                      lambda got, expected: abs(got - expected) <= 1e-3 * expected))
+    return _verdict(fn, cases)
+
+
+# ---- 04: generation ------------------------------------------------------------------------------------------------
+
+def _filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The exact distribution that sample.sample_next draws from (its filters, then softmax)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def check_top_p(fn):
+    """fn(logits (1, V), p) -> the probabilities (1, V) left after top-p: the most likely tokens until their mass
+    reaches p are kept, renormalized; the rest are 0."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    return _verdict(fn, [(f"p = {p}", (logits, p), _filtered_probs(logits, top_p=p), _close(1e-6))
+                         for p in (0.1, 0.5, 0.9, 1.0)])
+
+
+def check_top_k(fn):
+    """fn(logits (1, V), k) -> the probabilities (1, V) left after top-k, renormalized; the rest are 0."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 50) * 2
+    return _verdict(fn, [(f"k = {k}", (logits, k), _filtered_probs(logits, top_k=k), _close(1e-6)) for k in (1, 5, 50)])
+
+
+# ---- 05: checkpoints and the tokenizer ------------------------------------------------------------------------
+
+def check_bpe_encode(fn):
+    """fn(piece: bytes, ranks: {bytes: rank}) -> token ids of one pre-split piece, merging the lowest-rank pair
+    again and again."""
+    tok = olmo.load_tokenizer(Path(__file__).resolve().parent.parent / "fixtures" / "tokenizers" / "allenai_dolma2.json")
+    ranks = tok.enc._mergeable_ranks
+    words = [" tokenization", " hello", "12345", " Überraschung", " 🤗"]
+    return _verdict(fn, [(repr(w), (w.encode(), ranks), tok.enc.encode_ordinary(w), _equal) for w in words])
+
+
+def check_att_proj_split(fn):
+    """fn(att_proj (d + 2 KV*hd, d), config) -> (q, k, v) weights, as AI2's fused projection splits into them."""
+    config = olmo.OlmoConfig(model_type="olmo2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, vocab_size=10, num_hidden_layers=1)
+    att_proj = torch.randn(64 + 2 * 32, 64)
+    state = olmo.convert_ai2_state_dict({"transformer.blocks.0.att_proj.weight": att_proj}, config, "check")
+    expected = tuple(state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    same = lambda got, exp: len(got) == 3 and all(_close(0)(g, e) for g, e in zip(got, exp))
+    return _verdict(fn, [("GQA: 4 query heads, 2 key/value heads of 16", (att_proj, config), expected, same)])
+
+
+# ---- 06: training ---------------------------------------------------------------------------------------------
+
+def _bigram_bits(train, val):
+    counts = torch.ones(256, 256)  # add-one smoothing
+    counts.index_put_((train[:-1], train[1:]), torch.ones(len(train) - 1), accumulate=True)
+    probs = counts / counts.sum(-1, keepdim=True)
+    return -probs[val[:-1], val[1:]].log2().mean().item()
+
+
+def check_bigram_bits_per_byte(fn):
+    """fn(train, val) -> bits per byte on val of the bigram model counted on train (both uint8-valued long
+    tensors), with add-one smoothing: P(b | a) = (count(a, b) + 1) / (count(a) + 256)."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (5000,), generator=g) // 7 * 7
+    val = torch.randint(0, 256, (500,), generator=g) // 7 * 7
+    text = torch.tensor(list(b"the cat sat on the mat and the dog sat on the log"))
+    return _verdict(fn, [("random bytes", (train, val), _bigram_bits(train, val), lambda a, b: abs(a - b) < 1e-4),
+                         ("a sentence", (text, text), _bigram_bits(text, text), lambda a, b: abs(a - b) < 1e-4)])
+
+
+def check_olmo1_config(fn):
+    """fn(config) -> the same shape with OLMo 1's block: norms before attention and MLP, no QK-norm."""
+    config = olmo.OlmoConfig(model_type="olmo2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    same_shape = lambda got, exp: (not got.norm_after and not got.qk_norm and got.hidden_size == exp.hidden_size
+                                   and got.num_hidden_layers == exp.num_hidden_layers and got.vocab_size == exp.vocab_size)
+    return _verdict(fn, [("an OLMo 2 config", (config,), config, same_shape)])
+
+
+# ---- 07: mixture of experts -----------------------------------------------------------------------------------
+
+def check_routing(fn):
+    """fn(router_logits (N, E), k, norm_topk_prob) -> (weights (N, k), experts (N, k)) as olmo.MoE routes:
+    softmax in float32, the k largest, optionally renormalized to sum to 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 8)
+
+    def expected(norm):
+        weights, experts = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), 2, -1)
+        return (weights / weights.sum(-1, keepdim=True) if norm else weights), experts
+    same = lambda got, exp: _close(1e-6)(got[0], exp[0]) and torch.equal(got[1], exp[1])
+    return _verdict(fn, [(f"norm_topk_prob={n}", (logits, 2, n), expected(n), same) for n in (False, True)])
+
+
+def check_active_parameters(fn):
+    """fn(config) -> the parameters one token uses: all but the embedding table (one row of it: count none) and
+    the experts it is not routed to."""
+    cases = []
+    for name in ["OLMoE-1B-7B-0924", "FlexOlmo-7x7B-1T", "OLMo-2-0425-1B"]:
+        config = olmo.OlmoConfig.from_name(name)
+        with torch.device("meta"):
+            model = olmo.OlmoForCausalLM(config)
+        expected = sum(p.numel() for p in sample.weights_read_per_token(model))
+        cases.append((name, (config,), expected, _equal))
+    return _verdict(fn, cases)
+
+
+# ---- 08: Gated DeltaNet -----------------------------------------------------------------------------------------
+
+def check_delta_step(fn):
+    """fn(S (d_k, d_v), q, k (d_k,), v (d_v,), g, beta) -> (o (d_v,), new S): one token of the gated delta rule."""
+    torch.manual_seed(0)
+    S, q, k, v = torch.randn(4, 3), torch.randn(4), torch.randn(4), torch.randn(3)
+    q, k = q / q.norm(), k / k.norm()
+    cases = []
+    for g, beta in [(-0.1, 0.5), (0.0, 1.0), (-2.0, 1.8)]:
+        o, S1 = olmo.delta_rule_recurrent(q.view(1, 1, 1, 4), k.view(1, 1, 1, 4), v.view(1, 1, 1, 3),
+                                          torch.tensor(g).view(1, 1, 1), torch.tensor(beta).view(1, 1, 1), S.view(1, 1, 4, 3))
+        same = lambda got, exp: len(got) == 2 and _close(1e-5)(got[0], exp[0]) and _close(1e-5)(got[1], exp[1])
+        cases.append((f"g={g}, beta={beta}", (S, q, k, v, g, beta), (o.view(3), S1.view(4, 3)), same))
+    return _verdict(fn, cases)
+
+
+def check_state_bytes(fn):
+    """fn(config) -> bytes that one sequence's Gated DeltaNet states take, all linear_attention layers together:
+    the float32 state S of each layer and its convolution's last K-1 inputs (in bfloat16)."""
+    cases = []
+    for name in ["Olmo-Hybrid-7B"]:
+        config = olmo.OlmoConfig.from_name(name)
+        cache = olmo.KVCache(config, 1, 16, config.num_key_value_heads, "meta", torch.bfloat16)
+        expected = sum(s.S.nbytes + s.conv.nbytes for s in cache.layers if isinstance(s, olmo.GDNState))
+        cases.append((name, (config,), expected, _equal))
+    return _verdict(fn, cases)

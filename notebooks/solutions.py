@@ -1,0 +1,137 @@
+"""One solution to each exercise of the notebooks (checks.py says whether yours is right). Try first."""
+
+import math
+
+import torch
+
+
+# ---- 01 -------------------------------------------------------------------------------------------------------
+
+def parameter_count(c):
+    d, hd, I, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    attention = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2  # q and o; k and v
+    qk_norm = (c.num_attention_heads + c.num_key_value_heads) * hd if c.qk_norm else 0
+    norms = 2 * d if c.model_type != "olmo" else 0  # OLMo 1's LayerNorm has no weights
+    block = attention + qk_norm + 3 * d * I + norms
+    head = 0 if c.tie_word_embeddings else V * d
+    return V * d + c.num_hidden_layers * block + (d if c.model_type != "olmo" else 0) + head
+
+
+def rms_norm(x, weight, eps):
+    xf = x.float()
+    return (weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+# ---- 02 -------------------------------------------------------------------------------------------------------
+
+def sliding_window_mask(T, window):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = j <= i
+    return mask & (i - j < window) if window is not None else mask
+
+
+def rope(x, positions, theta):
+    hd = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angle = positions[:, None].float() * inv_freq  # (T, hd/2)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+# ---- 03 -------------------------------------------------------------------------------------------------------
+
+def kv_cache_bytes(config, tokens):
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 2  # a key and a value, 2 bytes each
+    return sum(per_token * (tokens if kind == "full_attention" else min(tokens, config.sliding_window))
+               for kind in config.layer_types)
+
+
+def longest_wavelength(theta, head_dim):
+    slowest = 1.0 / theta ** ((head_dim - 2) / head_dim)  # the last pair's radians per position
+    return 2 * math.pi / slowest
+
+
+# ---- 04 -------------------------------------------------------------------------------------------------------
+
+def top_p(logits, p):
+    probs = logits.float().softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < p  # the mass before this token has not reached p yet
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def top_k(logits, k):
+    probs = logits.float().softmax(-1)
+    values, indices = probs.topk(k, -1)
+    kept = torch.zeros_like(probs).scatter(-1, indices, values)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+# ---- 05 -------------------------------------------------------------------------------------------------------
+
+def bpe_encode(piece, ranks):
+    parts = [bytes([b]) for b in piece]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+def att_proj_split(att_proj, config):
+    kv = config.num_key_value_heads * config.head_dim
+    return tuple(att_proj.split([config.hidden_size, kv, kv], dim=0))
+
+
+# ---- 06 -------------------------------------------------------------------------------------------------------
+
+def bigram_bits_per_byte(train, val):
+    counts = torch.ones(256, 256)
+    counts.index_put_((train[:-1], train[1:]), torch.ones(len(train) - 1), accumulate=True)
+    probs = counts / counts.sum(-1, keepdim=True)
+    return -probs[val[:-1], val[1:]].log2().mean().item()
+
+
+def olmo1_config(config):
+    import copy
+    c = copy.deepcopy(config)
+    c.model_type = "olmo"
+    c.__post_init__()
+    return c
+
+
+# ---- 07 -------------------------------------------------------------------------------------------------------
+
+def routing(router_logits, k, norm_topk_prob):
+    weights, experts = torch.topk(torch.softmax(router_logits, -1, dtype=torch.float32), k, -1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, experts
+
+
+def active_parameters(c):
+    d, hd, I = c.hidden_size, c.head_dim, c.intermediate_size
+    attention = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2
+    qk_norm = (c.num_attention_heads + c.num_key_value_heads) * hd if c.qk_norm else 0
+    mlp = 3 * d * I * (c.num_experts_per_tok or 1) + (c.num_experts or 0) * d  # the chosen experts, the router
+    norms = 2 * d if c.model_type != "olmo" else 0
+    head = 0 if c.tie_word_embeddings else c.vocab_size * d
+    return c.num_hidden_layers * (attention + qk_norm + mlp + norms) + d + head
+
+
+# ---- 08 -------------------------------------------------------------------------------------------------------
+
+def delta_step(S, q, k, v, g, beta):
+    S = S * math.exp(g)
+    S = S + beta * torch.outer(k, v - S.T @ k)
+    return S.T @ q, S
+
+
+def state_bytes(c):
+    channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+    per_layer = 4 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim \
+        + 2 * channels * (c.linear_conv_kernel_dim - 1)
+    return per_layer * c.layer_types.count("linear_attention")

@@ -444,6 +444,9 @@ def whole_processes(args, folder, have_reference):
     read_bw = statistics.median(reads)
     print(f"\nwhole processes, {args.model}, {str(args.dtype).split('.')[1]} activations, CPU, "
           f"{args.process_rounds} rounds, medians; read bandwidth {read_bw / 1e9:.1f} GB/s (median of the run)")
+    print("weights read per decoded token: " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in model_bytes.items())
+          + "; cache per sequence (keys and values in the activations' dtype, and Gated DeltaNet states): "
+          + ", ".join(f"{t} tokens {cache_bytes(folder, t, args.dtype) / 2**20:.0f} MiB" for t in (4096, 65536)))
     print(f"{'':28s}{'decode tok/s':>14s}{'of read bw':>12s}{'load+1st tok s':>16s}{'prefill tok/s':>15s}{'vs transformers':>17s}")
     decode = {run: statistics.median((n - 1) / (a - b) for a, b in zip(times[run]["n"], times[run]["1"])) for run in runs}
     for impl, v in runs:
@@ -457,6 +460,13 @@ def whole_processes(args, folder, have_reference):
         key += f", {decode['olmo.py', v] / decode['transformers', v]:.2f}x transformers" if ("transformers", v) in decode else ""
         key += f", {decode['olmo.py', v] / decode['olmo.py', 'bf16']:.2f}x our bf16)," if v != "bf16" and "bf16" in args.variants else "),"
     print(key)
+
+
+def cache_bytes(folder, tokens, dtype):
+    config = olmo.read_config(folder)
+    cache = olmo.KVCache(config, 1, tokens, config.num_key_value_heads, "meta", dtype)  # shapes, no memory
+    return sum(t.nbytes for layer in cache.layers for t in ((layer.S, layer.conv) if isinstance(layer, olmo.GDNState)
+                                                            else (layer.k, layer.v)))
 
 
 def prefill_from(stderr, impl):

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 import statistics
 import shutil
@@ -110,28 +111,33 @@ def memory_bandwidth(device):
 # ---- a checkpoint on disk, written without extra packages ---------------------------------------------------
 
 
-def save_checkpoint(model, folder):
-    """config.json (Hugging Face keys) + model.safetensors, as a released checkpoint folder looks."""
-    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "attn_implementation" and v is not None}
-    config["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                                "olmoe": "OlmoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
-                                "olmo_hybrid": "OlmoHybridForCausalLM"}[config["model_type"]]]
-    config["rope_theta"] = model.config.rope_theta  # null means no RoPE (Olmo Hybrid), not the default
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for k, v in state.items():
-        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
-        offset += v.nbytes
+def save_random_checkpoint(config, folder, dtype):
+    """A checkpoint of config's shape with random weights (normal, std 0.02): config.json (Hugging Face keys) and
+    model.safetensors, written one tensor at a time, so a 7B model never sits in memory whole (on a 24 GB machine
+    the benchmark's processes need that memory)."""
+    keys = {k: v for k, v in dataclasses.asdict(config).items() if k != "attn_implementation" and v is not None}
+    keys["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                              "olmoe": "OlmoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
+                              "olmo_hybrid": "OlmoHybridForCausalLM"}[config.model_type]]
+    keys["rope_theta"] = config.rope_theta  # null means no RoPE (Olmo Hybrid), not the default
+    (folder / "config.json").write_text(json.dumps(keys, indent=2))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()
+                  if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    header, offset, size = {"__metadata__": {"format": "pt"}}, 0, dtype.itemsize
+    for k, shape in shapes.items():
+        header[k] = {"dtype": {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype],
+                     "shape": list(shape), "data_offsets": [offset, offset + math.prod(shape) * size]}
+        offset += math.prod(shape) * size
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    g = torch.Generator().manual_seed(0)
     with open(folder / "model.safetensors", "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
-        for v in state.values():
-            f.write(v.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        for shape in shapes.values():
+            f.write((0.02 * torch.randn(shape, generator=g)).to(dtype).view(torch.uint8).numpy().tobytes())
     # the family's real tokenizer, for the whole-process runs (OLMo 1 and OLMoE: GPT-NeoX; the others: dolma2)
-    neox = model.config.model_type in ("olmo", "olmoe")
+    neox = config.model_type in ("olmo", "olmoe")
     tokenizer = TOKENIZERS / ("allenai_gpt-neox-olmo-dolma-v1_5.json" if neox else "allenai_dolma2.json")
     shutil.copy(tokenizer, folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>" if not neox else "<|padding|>",
@@ -299,16 +305,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model)
         if not folder.is_dir():  # a preset: random weights, saved so that both implementations load the same file
-            config = olmo.OlmoConfig.from_name(args.model)
-            with torch.device("meta"):
-                model = olmo.OlmoForCausalLM(config)
-            model = model.to_empty(device=args.device).to(args.dtype)  # on a GPU: seconds rather than a minute for 7B
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.02)
             folder = Path(tmp)
-            save_checkpoint(model, folder)
-            del model
+            save_random_checkpoint(olmo.OlmoConfig.from_name(args.model), folder, args.dtype)
         if "inprocess" in args.parts:
             in_process(args, folder, have_reference)
         if "processes" in args.parts and args.device.type == "cpu":
@@ -435,12 +433,12 @@ def whole_processes(args, folder, have_reference):
                 decode = (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
                 print(f"round {r + 1}: {run[0]} {run[1]}: decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
     model_bytes = {}
-    for v in args.variants:
+    for v in args.variants:  # shapes only, on the meta device
         with torch.device("meta"):
-            meta = olmo.OlmoForCausalLM(olmo.read_config(folder))
+            meta = olmo.OlmoForCausalLM(olmo.read_config(folder)).to(args.dtype)
         if v != "bf16":
-            meta = olmo.quantize(meta.to_empty(device="cpu"), v, args.dtype)
-        model_bytes[v] = sum(p.numel() * p.element_size() for p in sample.weights_read_per_token(meta))
+            olmo.quantize(meta, v, args.dtype)
+        model_bytes[v] = sum(p.nbytes for p in sample.weights_read_per_token(meta))
     read_bw = statistics.median(reads)
     print(f"\nwhole processes, {args.model}, {str(args.dtype).split('.')[1]} activations, CPU, "
           f"{args.process_rounds} rounds, medians; read bandwidth {read_bw / 1e9:.1f} GB/s (median of the run)")

@@ -17,9 +17,11 @@ The generations differ in a few lines, each behind one config flag:
 
 import json
 import math
+import mmap
 import os
 import re
 import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -90,12 +92,16 @@ class OlmoConfig:
         if self.layer_types is None:  # every 4th layer sees everything; OLMo 3 slides a window, the Hybrid a state
             other = {"olmo3": "sliding_attention", "olmo_hybrid": "linear_attention"}.get(self.model_type, "full_attention")
             self.layer_types = ["full_attention" if i % 4 == 3 else other for i in range(self.num_hidden_layers)]
+            if self.model_type == "olmo_hybrid" and "full_attention" not in self.layer_types:
+                self.layer_types[-1] = "full_attention"  # fewer than 4 layers: the reference makes the last one full
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
             raise ValueError(f"layer_types must list one of {', '.join(LAYER_TYPES)} per layer, got {self.layer_types}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if ("linear_attention" in self.layer_types) != (self.model_type == "olmo_hybrid"):
             raise ValueError(f"linear_attention layers are Olmo Hybrid's (model_type 'olmo_hybrid'), got {self.layer_types}")
+        if self.model_type == "olmo_hybrid" and "full_attention" not in self.layer_types:
+            raise ValueError(f"Olmo Hybrid needs at least one full_attention layer, got {self.layer_types}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
             raise ValueError(f"only YaRN rope scaling is used by OLMo checkpoints, got {self.rope_scaling}")
         if self.num_experts is not None and not 1 <= (self.num_experts_per_tok or 0) <= self.num_experts:
@@ -564,7 +570,7 @@ class MoE(nn.Module):
 def load_balancing_loss(router_logits, top_k, mask=None):
     """The auxiliary loss that keeps a mixture's experts evenly used (Switch Transformer), as the reference
     computes it: E * sum_e f_e P_e over all layers, f_e the share of tokens that chose expert e (among their k),
-    P_e the mean router probability of e. Smallest (k) when routing is uniform. mask (B, T): 0 for padding."""
+    P_e the mean router probability of e. It equals k when routing is even. mask (B, T): 0 for padding."""
     E, counts, probs_sum, rows = router_logits[0].shape[-1], 0, 0, 0
     w = mask.reshape(-1, 1).float() if mask is not None else router_logits[0].new_ones(len(router_logits[0]), 1).float()
     for logits in router_logits:
@@ -895,11 +901,11 @@ def read_safetensors(path, convert=None, mapped=False):
     """{name: tensor} from a .safetensors file, each tensor read straight into its own memory and passed through
     convert(name, tensor) (to a dtype, a device, a rank's slice) before the next is read: the peak is one model
     plus one tensor.
-    mapped: tensors are not read but mapped, each a view of the file, private (copy-on-write:
-    writing to it never changes the file), whose pages come from the page cache when first touched. That costs no
-    time and no memory of its own, but decoding from such pages is slower than from memory that was read (OLMo-2 1B
-    bf16, whole sample.py processes, medians of 4: 4.9 vs 5.2 tok/s), so only weights that are converted right
-    away (quantized) are mapped. Do not overwrite the file while a mapped tensor lives.
+    mapped: tensors are not read but mapped, each a read-only view of the file (writing to one crashes the
+    process; a private writable mapping would be charged to memory, and one larger than the machine's is refused),
+    whose pages come from the page cache when first touched. That costs no time and no memory of its own, but
+    decoding from such pages is slower than from memory that was read (OLMo-2 1B bf16, whole sample.py processes,
+    medians of 4: 4.9 vs 5.2 tok/s), so only weights that are converted right away (quantized) are mapped.
     Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
     path = Path(path)
     size = path.stat().st_size
@@ -927,7 +933,9 @@ def read_safetensors(path, convert=None, mapped=False):
             offset = 8 + n + begin
             if mapped and offset % file_dtype.itemsize == 0:
                 if mapping is None:
-                    mapping = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)  # private map
+                    with warnings.catch_warnings():  # torch warns that the buffer is read-only: so are the tensors
+                        warnings.simplefilter("ignore")
+                        mapping = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=torch.uint8)
                 t = mapping[offset:offset + nbytes].view(file_dtype).view(shape)
                 out[name] = convert(name, t) if convert else t
             else:
@@ -967,9 +975,9 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=
     model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
     dtype = dtype or model.model.embed_tokens.weight.dtype
     quantize(model, quantization, dtype)
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype, copy=True)
+    for name, p in model.named_parameters():
+        if p.is_floating_point():  # in memory of its own: the file's mapping is released
+            p.data = p.data.to(stored_dtype(name, dtype), copy=True)
     return model.to(device or "cpu")
 
 
@@ -1002,13 +1010,18 @@ def place(name, t, param, device=None, dtype=None):
     tensor parallelism only this rank's slice of it."""
     if hasattr(t, "placements"):  # placed already
         return t
-    if name.endswith(".A_log") and dtype is not None:  # Gated DeltaNet's decay rates: the reference keeps them
-        dtype = torch.float32  # in float32 whatever the model's dtype (exp(A_log) scales every step's decay)
+    dtype = stored_dtype(name, dtype)
     t = t.to(device=device or "cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
     if hasattr(param, "placements"):  # split across ranks by tensor_parallel
         from torch.distributed.tensor import distribute_tensor
         t = distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
     return t
+
+
+def stored_dtype(name, dtype):
+    """The dtype a parameter is kept in: dtype, but for Gated DeltaNet's decay rates A_log, which the reference keeps
+    in float32 whatever the model's dtype (exp(A_log) scales every step's decay)."""
+    return torch.float32 if name.endswith(".A_log") and dtype is not None else dtype
 
 
 def resolve_checkpoint(name_or_folder):
@@ -1234,9 +1247,9 @@ def quantize_int8(w, dtype, rows=256):
     """A float weight (out, in) -> int8 q and scales (out,) in dtype, a few rows at a time (the float32 temporaries
     stay in the cache: 3.5x faster than whole matrices). q is rounded against the scale as stored, so s q is the
     nearest level (and the clamp catches a scale that rounding made smaller)."""
-    q, scales = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0], dtype=dtype)
+    q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.empty(w.shape[0], dtype=dtype, device=w.device)
     for i in range(0, w.shape[0], rows):
-        block = w[i:i + rows].float()
+        block = w[i:i + rows].to(torch.float32, copy=True)  # its own memory: w may be a read-only mapping
         lo, hi = torch.aminmax(block, dim=1)
         s = (torch.maximum(-lo, hi) / 127).clamp_(min=1e-12).to(dtype)
         q[i:i + rows] = block.div_(s.float()[:, None]).round_().clamp_(-127, 127)
@@ -1246,15 +1259,19 @@ def quantize_int8(w, dtype, rows=256):
 
 def quantize_int4(w, dtype, rows=256):
     """A float weight (out, in) -> int4 levels packed for the CPU kernel, and (in / 32, out, 2) scales and offsets."""
-    q, s = torch.empty(w.shape, dtype=torch.int32), torch.empty(w.shape[0], w.shape[1] // INT4_GROUP)
+    q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    s = torch.empty(w.shape[0], w.shape[1] // INT4_GROUP, device=w.device)
     lo = torch.empty_like(s)
     for i in range(0, w.shape[0], rows):
-        g = w[i:i + rows].float().view(-1, w.shape[1] // INT4_GROUP, INT4_GROUP)  # (rows, groups, 32)
+        g = w[i:i + rows].to(torch.float32, copy=True).view(-1, w.shape[1] // INT4_GROUP, INT4_GROUP)  # (rows, groups, 32)
         g_lo, g_hi = torch.aminmax(g, dim=-1)
         g_s = ((g_hi - g_lo) / 15).clamp_(min=1e-6)
         q[i:i + rows] = g.sub_(g_lo[..., None]).div_(g_s[..., None]).round_().clamp_(0, 15).view(-1, w.shape[1])
         s[i:i + rows], lo[i:i + rows] = g_s, g_lo
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    if q.is_meta:  # shapes only (counting a model's bytes): two levels to a byte
+        packed = torch.empty(w.shape[0], w.shape[1] // 2, dtype=torch.uint8, device="meta")
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     return packed, torch.stack([s, lo + 8 * s], -1).transpose(0, 1).contiguous().to(dtype)
 
 
@@ -1272,7 +1289,7 @@ def quantize(model, mode, dtype=None):
             if type(child) is not Linear or (isinstance(parent, MoE) and name == "gate") or (tied and child is model.lm_head):
                 continue
             w = child.weight
-            if w.device.type != "cpu" and mode == "int4":
+            if w.device.type not in ("cpu", "meta") and mode == "int4":
                 raise ValueError("int4 uses PyTorch's CPU kernel: quantize on the CPU, or use int8")
             bits = 4 if mode == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % INT4_GROUP == 0 else 8
             setattr(parent, name, QuantizedLinear(w, bits, dtype or w.dtype).to(w.device))

@@ -3,9 +3,13 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
 
     python bench.py                                  # OLMo-2-0425-1B shape, random weights, bfloat16
     python bench.py --model path/to/checkpoint       # a real checkpoint
+    python bench.py --model OLMoE-1B-7B-0924 --parts processes --variants bf16
     python bench.py --model Olmo-3-1025-7B --device cuda --compile
 
-Measures decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
+Two parts. processes (CPU): whole `python sample.py` processes against whole processes of a transformers script,
+generating N and 1 new tokens from the same prompt, (N - 1) / (time(N) - time(1)) as the decode rate, alternating,
+medians over rounds; for bfloat16 weights and, with --variants, int8 (against transformers + torchao) and int4.
+inprocess: decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
 machine's memory bandwidth, measured in this run (also step by step, each step paired with its own read, which
 cancels the drift of a shared machine). Without transformers it reports our numbers only. On a GPU it also

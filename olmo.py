@@ -205,19 +205,19 @@ def _preset(model_type, d, I, L, H, KV, ctx, vocab, **extra):
 _YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
              attention_factor=1.2079441541679836)
 _OLMO3 = dict(sliding_window=4096, rope_scaling=_YARN)
-_OLMO2 = dict(rms_norm_eps=1e-6)  # what the released config.json files say (the reference's default is 1e-5)
+_EPS = dict(rms_norm_eps=1e-6)  # what the released OLMo 2/3 config.json files say (the reference's default: 1e-5)
 PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
     "OLMo-1B-hf": _preset("olmo", 2048, 8192, 16, 16, 16, 2048, 50304, tie_word_embeddings=True),
     "OLMo-7B-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
     "OLMo-7B-Twin-2T-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
     "OLMo-7B-0424-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
     "OLMo-7B-0724-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
-    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352, rope_theta=500000.0, **_OLMO2),
-    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352, rope_theta=500000.0, **_OLMO2),
-    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352, rope_theta=500000.0, **_OLMO2),
-    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352, rope_theta=500000.0, **_OLMO2),
-    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_OLMO2, **_OLMO3),
-    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_OLMO2, **_OLMO3),
+    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352, rope_theta=500000.0, **_EPS),
+    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352, rope_theta=500000.0, **_EPS),
+    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352, rope_theta=500000.0, **_EPS),
+    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352, rope_theta=500000.0, **_EPS),
+    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_EPS, **_OLMO3),
+    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_EPS, **_OLMO3),
     # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
     "OLMoE-1B-7B-0924": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),
     "OLMoE-1B-7B-0125": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),

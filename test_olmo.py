@@ -511,6 +511,19 @@ def test_hybrid_checkpoint_layouts(layout, tmp_path):
     assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
 
 
+def test_hybrid_checkpoint_errors_are_clear(tmp_path):
+    folder = _folder(tmp_path, "olmo_hybrid")
+    state = dict(olmo.read_safetensors(folder / "model.safetensors"))
+    _write_state(folder, {k: v for k, v in state.items() if k != "model.layers.1.linear_attn.A_log"})
+    with pytest.raises(ValueError, match=r"(?s)tensors do not match an olmo_hybrid model.*missing: model.layers.1.linear_attn.A_log"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    v = "model.layers.0.linear_attn.v_conv1d.weight"  # a channel short: the parts no longer add up to the widths
+    _write_state(folder, state | {v: state[v][1:]})
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.linear_attn.q_conv1d.weight has shape \(54, 1, 4\), "
+                                         r"the config expects \(32, 1, 4\)"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+
+
 def test_hybrid_refuses_tensor_parallelism():
     model = load("olmo_hybrid")
     mesh = type("Mesh", (), {"size": lambda self: 1})()
@@ -637,6 +650,13 @@ def test_config_reads_transformers4_and_transformers5_styles():
     bare = {k: v for k, v in v2.items() if k != "rope_parameters"}  # the reference's defaults when absent
     assert olmo.OlmoConfig.from_dict(bare).rope_theta == 10000.0
     assert olmo.OlmoConfig.from_dict({**bare, "model_type": "olmo3", "sliding_window": 4}).rope_theta == 500000.0
+    # keys a config.json leaves out take the reference's defaults for the family: released OLMoE configs carry no
+    # rms_norm_eps (1e-5 then, as OLMo 2/3's reference default), and no expert counts need be given
+    no_eps = {k: v for k, v in bare.items() if k != "rms_norm_eps"}
+    assert olmo.OlmoConfig.from_dict(no_eps).rms_norm_eps == 1e-5
+    olmoe = olmo.OlmoConfig.from_dict({**no_eps, "model_type": "olmoe"})
+    assert (olmoe.rms_norm_eps, olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.rope_theta) == (1e-5, 64, 8, 10000.0)
+    assert olmo.OlmoConfig.from_dict({**no_eps, "model_type": "flex_olmo"}).num_experts_per_tok == 5
 
 
 def test_config_errors_are_clear(tmp_path):

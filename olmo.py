@@ -15,6 +15,7 @@ The generations differ in a few lines, each behind one config flag:
   Olmo Hybrid ("olmo_hybrid"):    3 of 4 layers are Gated DeltaNet (linear attention with a fixed-size state).
 """
 
+import ctypes
 import json
 import math
 import mmap
@@ -967,7 +968,9 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=
     one at a time, and the other weights converted to dtype in their own memory, which releases the file: the peak
     is about the quantized model plus one layer's weight (OLMo-2 13B loads in int8 on a 24 GB machine)."""
     if quantization is None:
-        return read_model(name_or_folder, device, dtype, mesh)
+        model = read_model(name_or_folder, device, dtype, mesh)
+        release_freed_memory()
+        return model
     if mesh is not None:
         raise ValueError("quantization is not combined with tensor parallelism")
     if quantization == "int4" and device is not None and torch.device(device).type != "cpu":
@@ -978,7 +981,19 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=
     for name, p in model.named_parameters():
         if p.is_floating_point():  # in memory of its own: the file's mapping is released
             p.data = p.data.to(stored_dtype(name, dtype), copy=True)
+    release_freed_memory()
     return model.to(device or "cpu")
+
+
+def release_freed_memory():
+    """Hand the memory that loading freed back to the system. glibc's allocator keeps freed heap pages for reuse,
+    and loading frees many pieces (float32 blocks being quantized, tensors being converted): after an int8 load of
+    OLMo-2 13B the process held 16.4 GB for 14.2 GB of weights, 14.1 GB once trimmed. Where the C library has no
+    malloc_trim (macOS, Windows, musl) there is nothing to call."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def read_model(name_or_folder, device=None, dtype=None, mesh=None, mapped=False):

@@ -849,8 +849,9 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
     # a float32 checkpoint of ~190 MB, loaded as is and converted to bfloat16: loading may add to the model's own
     # memory at most the one file tensor being read (when converting) and a fixed 32 MiB (allocator, threads);
     # a second copy of the weights would add >= 134 MB. Quantized: the file is mapped and its pages count while
-    # touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is converted;
-    # afterwards the mapping is released and the resident memory is the quantized model's
+    # touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is converted.
+    # Afterwards the resident memory is the model's: the mapping released, and the allocator's freed pages handed
+    # back (glibc kept 30-40 MiB of them here, 2.2 GB for OLMo-2 13B)
     safetensors = pytest.importorskip("safetensors.torch")
     config = olmo.OlmoConfig(model_type="olmo2", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
                              num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
@@ -866,8 +867,7 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
     file_bytes = (tmp_path / "model.safetensors").stat().st_size if quantize != "none" else 0
     extra = peak - model_bytes - file_bytes
     assert extra <= in_flight + 32 * 2**20, f"loading added {extra / 2**20:.0f} MiB beyond the model ({model_bytes / 2**20:.0f} MiB)"
-    if quantize != "none":
-        assert resident - model_bytes <= 32 * 2**20, f"{(resident - model_bytes) / 2**20:.0f} MiB resident beyond the model"
+    assert resident - model_bytes <= 16 * 2**20, f"{(resident - model_bytes) / 2**20:.0f} MiB resident beyond the model"
 
 
 def _folder(tmp_path, case="olmo2"):

@@ -128,11 +128,11 @@ def save_random_checkpoint(config, folder, dtype):
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()
                   if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    header, offset, size = {"__metadata__": {"format": "pt"}}, 0, dtype.itemsize
+    header, offset, name = {"__metadata__": {"format": "pt"}}, 0, {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     for k, shape in shapes.items():
-        header[k] = {"dtype": {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype],
-                     "shape": list(shape), "data_offsets": [offset, offset + math.prod(shape) * size]}
-        offset += math.prod(shape) * size
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     g = torch.Generator().manual_seed(0)
@@ -324,10 +324,10 @@ def in_process(args, folder, have_reference):
     load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
     impls, cuda = {"ours": Ours(load())}, args.device.type == "cuda"
     args.vocab_size = impls["ours"].model.config.vocab_size
-    if cuda and not impls["ours"].model.config.num_experts:  # the same model, decode steps replayed from a CUDA graph
+    graph = cuda and not impls["ours"].model.config.num_experts  # (a mixture of experts routes on the host)
+    if graph:  # the same model, decode steps replayed from a CUDA graph
         impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
     if args.compile:
-        graph = cuda and not impls["ours"].model.config.num_experts
         impls["ours+compile+graph" if graph else "ours+compile"] = Ours(olmo.compile_blocks(load()), cuda_graph=graph)
     if have_reference:
         impls["transformers"] = Reference(folder, args.device, args.dtype)

@@ -158,10 +158,9 @@ class OlmoConfig:
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d.get("num_attention_heads")
         for k, v in REFERENCE_DEFAULTS[d["model_type"]].items():
-            if k not in d or (d[k] is None and k != "rope_theta"):  # only Olmo Hybrid's null rope_theta means NoPE
+            nope = k == "rope_theta" and k in d and d["model_type"] == "olmo_hybrid"  # only there null means NoPE
+            if d.get(k) is None and not nope:
                 d[k] = v
-        if d["rope_theta"] is None and d["model_type"] != "olmo_hybrid":
-            d["rope_theta"] = REFERENCE_DEFAULTS[d["model_type"]]["rope_theta"]
         names = {f.name for f in fields(cls)}
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in d]
@@ -969,20 +968,20 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=
     is about the quantized model plus one layer's weight (OLMo-2 13B loads in int8 on a 24 GB machine)."""
     if quantization is None:
         model = read_model(name_or_folder, device, dtype, mesh)
-        release_freed_memory()
-        return model
-    if mesh is not None:
-        raise ValueError("quantization is not combined with tensor parallelism")
-    if quantization == "int4" and device is not None and torch.device(device).type != "cpu":
-        raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
-    model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
-    dtype = dtype or model.model.embed_tokens.weight.dtype
-    quantize(model, quantization, dtype)
-    for name, p in model.named_parameters():
-        if p.is_floating_point():  # in memory of its own: the file's mapping is released
-            p.data = p.data.to(stored_dtype(name, dtype), copy=True)
+    else:
+        if mesh is not None:
+            raise ValueError("quantization is not combined with tensor parallelism")
+        if quantization == "int4" and device is not None and torch.device(device).type != "cpu":
+            raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
+        model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
+        dtype = dtype or model.model.embed_tokens.weight.dtype
+        quantize(model, quantization, dtype)
+        for name, p in model.named_parameters():
+            if p.is_floating_point():  # in memory of its own: the file's mapping is released
+                p.data = p.data.to(stored_dtype(name, dtype), copy=True)
+        model = model.to(device or "cpu")
     release_freed_memory()
-    return model.to(device or "cpu")
+    return model
 
 
 def release_freed_memory():

@@ -253,17 +253,17 @@ def main(argv=None):
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        if not args.chat:  # echo the prompt, then stream the continuation after it
-            print(args.prompt, end="", flush=True)
-        if stream(model, tokenizer, prompt_ids, args, stops, generator)[1]:
+        echo = "" if args.chat else args.prompt  # echo the prompt, then stream the continuation after it
+        if stream(model, tokenizer, prompt_ids, args, stops, generator, echo=echo)[1]:
             return 130
     return 0
 
 
-def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max_new_tokens=None):
-    """Print tokens as they come, then a statistics line on stderr; returns (the new tokens, interrupted). A UTF-8
-    character can span tokens: the incremental decoder holds its first bytes back until the rest arrives, so no
-    broken character is ever printed. cache: a conversation's, holding its earlier turns."""
+def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max_new_tokens=None, echo=""):
+    """Print echo and then the tokens as they come, then a statistics line on stderr; returns (the new tokens,
+    interrupted). A UTF-8 character can span tokens: the incremental decoder holds its first bytes back until the
+    rest arrives, so no broken character is ever printed. cache: a conversation's, holding its earlier turns.
+    Ctrl-C from the echo on stops the reply and still gives the statistics line."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there;
     # not for a mixture of experts, whose routing picks experts on the host; not in a conversation)
@@ -274,6 +274,7 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max
     t0 = time.perf_counter()
     t1, interrupted = t0, False
     try:
+        print(echo, end="", flush=True)
         for token in generate(model, prompt_ids, max_new_tokens or args.max_new_tokens, args.temperature, args.top_k,
                               args.top_p, stops, generator, graph, cache):
             if not tokens:

@@ -63,7 +63,7 @@ def parse_args():
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
-    args.dtype = getattr(torch, args.dtype)
+    args.dtype_name, args.dtype = args.dtype, getattr(torch, args.dtype)
     args.parts = set(args.parts.split(","))
     if args.parts - {"inprocess", "processes"}:
         p.error(f"--parts: expected inprocess and/or processes, got {','.join(args.parts)}")
@@ -167,8 +167,8 @@ def load_child(impl, folder, dtype, quantize):
     print(json.dumps({"load_s": loaded, "load_and_first_token_s": first, "peak_rss_gb": peak_kb * 1024 / 1e9}))
 
 
-def measure_load(impl, folder, dtype, quantize=None):
-    r = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder), str(dtype).split(".")[1],
+def measure_load(impl, folder, dtype_name, quantize=None):
+    r = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder), dtype_name,
                         str(quantize)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"loading with {impl} failed:\n{r.stderr[-2000:]}")
@@ -358,7 +358,7 @@ def in_process(args, folder, have_reference):
         for _ in range(args.rounds):
             for key, child in [("ours", "ours"), ("transformers", "hf")]:
                 if key in rows:
-                    m = measure_load(child, folder, args.dtype, args.quantize if key == "ours" else None)
+                    m = measure_load(child, folder, args.dtype_name, args.quantize if key == "ours" else None)
                     for k, v in m.items():
                         rows[key][k] = min(rows[key].get(k, float("inf")), v)
     report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token)
@@ -390,12 +390,11 @@ print(f"prompt {ids.shape[1]} tokens, generated {out.shape[1] - ids.shape[1]} in
 """
 
 
-def process_command(impl, variant, folder, prompt_file, n, dtype):
-    name = str(dtype).split(".")[1]
+def process_command(impl, variant, folder, prompt_file, n, dtype_name):
     if impl == "transformers":
-        return [sys.executable, "-c", PEER, str(folder), str(prompt_file), str(n), name, variant]
+        return [sys.executable, "-c", PEER, str(folder), str(prompt_file), str(n), dtype_name, variant]
     command = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(folder), "--prompt-file",
-               str(prompt_file), "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu", "--dtype", name]
+               str(prompt_file), "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu", "--dtype", dtype_name]
     return command + (["--quantize", variant] if variant != "bf16" else [])
 
 
@@ -432,7 +431,7 @@ def whole_processes(args, folder, have_reference):
             for run in runs:
                 reads.append(memory_bandwidth(torch.device("cpu"))[0])
                 for key, prompt, count in (("n", short, n), ("1", short, 1), ("prefill", long, 1)):
-                    seconds, err = run_process(process_command(*run, folder, prompt, count, args.dtype))
+                    seconds, err = run_process(process_command(*run, folder, prompt, count, args.dtype_name))
                     times[run][key].append(seconds if key != "prefill" else prefill_from(err, run[0]))
                 decode = (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
                 print(f"round {r + 1}: {run[0]} {run[1]}: decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
@@ -444,7 +443,7 @@ def whole_processes(args, folder, have_reference):
             olmo.quantize(meta, v, args.dtype)
         model_bytes[v] = sum(p.nbytes for p in sample.weights_read_per_token(meta))
     read_bw = statistics.median(reads)
-    print(f"\nwhole processes, {args.model}, {str(args.dtype).split('.')[1]} activations, CPU, "
+    print(f"\nwhole processes, {args.model}, {args.dtype_name} activations, CPU, "
           f"{args.process_rounds} rounds, medians; read bandwidth {read_bw / 1e9:.1f} GB/s (median of the run)")
     print("weights read per decoded token: " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in model_bytes.items())
           + "; cache per sequence (keys and values in the activations' dtype, and Gated DeltaNet states): "
@@ -480,7 +479,7 @@ def prefill_from(stderr, impl):
 
 
 def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
-    print(f"\n{args.model}, {str(args.dtype).split('.')[1]}, {device_name}, torch {torch.__version__}")
+    print(f"\n{args.model}, {args.dtype_name}, {device_name}, torch {torch.__version__}")
     print(f"memory bandwidth (best of the run): read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s (read+write); "
           f"weights read per decoded token: {per_token / 1e9:.2f} GB; checkpoint {ckpt_gb:.2f} GB")
     keys = list(rows)
@@ -504,7 +503,7 @@ def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token
     for key, f in paired.items():
         print(f"  {key}: each step timed right after a 1 GiB read, median of the pairs: {f['step']:.0%}; "
               f"the linear layers alone (one row each, nothing else): {f['weights alone']:.0%}")
-    key = f"KEY {args.model} {str(args.dtype).split('.')[1]} {args.device.type}: decode b1"
+    key = f"KEY {args.model} {args.dtype_name} {args.device.type}: decode b1"
     for name, f in paired.items():  # each of our variants: tok/s (ratio to transformers, paired bandwidth fraction)
         key += f" {name} {rows[name]['decode_b1']:.2f} tok/s ("
         key += f"{rows[name]['decode_b1'] / ref['decode_b1']:.2f}x transformers, " if ref else ""

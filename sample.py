@@ -111,6 +111,11 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B, 1)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> the probabilities (B, V) that sample_next draws from: temperature, then the filters."""
     logits = logits.float() / temperature
     if top_k is not None:  # drop everything below the k-th largest logit
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -119,7 +124,7 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
         probs, order = logits.softmax(-1).sort(-1, descending=True)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached p (keeps >= 1)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return logits.softmax(-1)
 
 
 def decoder(model, cache):

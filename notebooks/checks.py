@@ -135,25 +135,12 @@ def check_longest_wavelength(fn):
 
 # ---- 04: generation ------------------------------------------------------------------------------------------------
 
-def _filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The exact distribution that sample.sample_next draws from (its filters, then softmax)."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
 def check_top_p(fn):
     """fn(logits (1, V), p) -> the probabilities (1, V) left after top-p: the most likely tokens until their mass
     reaches p are kept, renormalized; the rest are 0."""
     torch.manual_seed(0)
     logits = torch.randn(1, 50) * 2
-    return _verdict(fn, [(f"p = {p}", (logits, p), _filtered_probs(logits, top_p=p), _close(1e-6))
+    return _verdict(fn, [(f"p = {p}", (logits, p), sample.filtered_probs(logits, top_p=p), _close(1e-6))
                          for p in (0.1, 0.5, 0.9, 1.0)])
 
 
@@ -161,7 +148,7 @@ def check_top_k(fn):
     """fn(logits (1, V), k) -> the probabilities (1, V) left after top-k, renormalized; the rest are 0."""
     torch.manual_seed(1)
     logits = torch.randn(1, 50) * 2
-    return _verdict(fn, [(f"k = {k}", (logits, k), _filtered_probs(logits, top_k=k), _close(1e-6)) for k in (1, 5, 50)])
+    return _verdict(fn, [(f"k = {k}", (logits, k), sample.filtered_probs(logits, top_k=k), _close(1e-6)) for k in (1, 5, 50)])
 
 
 # ---- 05: checkpoints and the tokenizer ------------------------------------------------------------------------

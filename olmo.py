@@ -264,12 +264,24 @@ def make_norm(config, dim=None):
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_rounds_first)
 
 
-# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and slow on the others (AVX2 and
-# plain AVX512 hosts, most laptops): there PyTorch multiplies bfloat16 at 16-50 GFLOP/s against 80-175 in float32
-# (a 512x2048 by 2048x8192 product, measured on two such hosts). So on those CPUs a step of many tokens (a prompt)
-# multiplies in float32, converting each weight as it is used: memory and decoding stay bfloat16.
-CPU_BF16_IS_FAST = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-MANY_ROWS = 32  # tokens per step from which float32 wins there (8192x2048 weight: 32 rows 20 vs 30 ms, 4 rows 12 vs 11)
+# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and several times slower than
+# float32 ones on the others (AVX2 and plain AVX512 hosts, most laptops: the README gives figures). So on those CPUs a
+# step of many tokens (a prompt) multiplies in float32, converting each weight as it is used; memory and decoding stay
+# bfloat16. The float32 path sums in another order than the bfloat16 kernel, so its logits differ in the last bits.
+# One switch, read here, chooses: OLMO_PROMPT_MATMUL=auto (the CPU decides), bfloat16 (always the model's dtype, the
+# reference's kernels) or float32 (always float32). The tests run both paths on every host.
+def prompt_matmul(choice):
+    """'bfloat16' or 'float32': how a CPU multiplies a bfloat16 step of MANY_ROWS tokens or more."""
+    if choice not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"OLMO_PROMPT_MATMUL must be auto, bfloat16 or float32, got {choice!r}")
+    if choice == "auto":
+        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bfloat16" if fast else "float32"
+    return choice
+
+
+PROMPT_MATMUL = prompt_matmul(os.environ.get("OLMO_PROMPT_MATMUL", "auto"))
+MANY_ROWS = 32  # tokens per step from which float32 wins on those CPUs (fewer rows: a matrix-vector-like product)
 
 
 class Linear(nn.Linear):
@@ -285,7 +297,7 @@ class Linear(nn.Linear):
         if x.device.type == "cpu":
             if x.numel() == x.shape[-1]:  # a single row
                 return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-            if x.dtype == torch.bfloat16 and not CPU_BF16_IS_FAST and x.numel() >= MANY_ROWS * x.shape[-1] \
+            if x.dtype == torch.bfloat16 and PROMPT_MATMUL == "float32" and x.numel() >= MANY_ROWS * x.shape[-1] \
                     and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
                 return matmul_in_float32(x, self.weight)
         return F.linear(x, self.weight)

@@ -25,6 +25,12 @@ TOKENIZERS = FIXTURES / "tokenizers"  # the real OLMo tokenizer files (fixtures/
 DENSE = ["olmo1", "olmo1_tied_clip", "olmo2", "olmo2_gqa", "olmo3"]
 MOE = ["olmoe", "olmoe_clip_norm", "flex_olmo"]
 CASES = DENSE + MOE + ["olmo_hybrid"]
+# Float32 against a fixture made on another machine: kernels differ between CPUs (AVX2, AVX512, AMX, Arm, a GPU)
+# and sum in other orders, so logits move in their last bits, more the longer and deeper the computation. Measured
+# over ATEN_CPU_CAPABILITY=default/avx2/avx512 with ONEDNN_MAX_CPU_ISA/MKL_ENABLE_INSTRUCTIONS=AVX2 (README, Tests):
+# up to 1.3e-6 of the largest logit on the 24-token fixtures, 4.1e-6 on the 150-token hybrid, the reference itself
+# alike. Compared live, on one machine, we stay at F32_TOL (absolute).
+F32_RTOL = 1e-5
 F32_TOL = 1e-5
 # Gated DeltaNet decodes with the token-by-token form of its recurrence and reads prompts with the chunked form:
 # in float32 the two differ in the last bits, which 150 steps add up. The reference's own cached decoding differs
@@ -71,7 +77,43 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-# ---- exactness against the reference fixtures ------------------------------------------------------------
+def assert_close_to_fixture(logits, expected):
+    """Float32 logits against a fixture's, to F32_RTOL of its largest logit (see F32_RTOL)."""
+    tol = F32_RTOL * expected.abs().max().item()
+    assert max_diff(logits, expected) <= tol, f"max |difference| {max_diff(logits, expected):.2e} > {tol:.2e}"
+
+
+# PyTorch 2.13's bfloat16 flash-attention kernel, on a CPU with AMX, packs its blocks with AVX512 code and raises
+# this when ATEN_CPU_CAPABILITY asks for less (a setting that makes such a CPU imitate a smaller one; a real AVX2
+# CPU has no AMX and takes another path). The reference and we call the same kernel, so both fail alike there.
+TORCH_SDPA_BUG = "pack_vnni2 is only supported when avx512 is supported"
+
+
+def skip_on_torch_sdpa_bug(f, *args, **kwargs):
+    try:
+        return f(*args, **kwargs)
+    except RuntimeError as e:
+        if TORCH_SDPA_BUG not in str(e):
+            raise
+        pytest.skip(f"PyTorch's bfloat16 SDPA kernel under ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')} "
+                    f"on an AMX CPU: {TORCH_SDPA_BUG}")
+
+
+_live = {}
+
+
+def live_reference(case, dtype, attn="sdpa"):
+    """The reference's output (logits, and a mixture's router logits) on the fixture's input, computed here and now:
+    in bfloat16 the kernels of this machine decide the last bits, so a stored fixture would be another machine's."""
+    if (case, dtype, attn) not in _live:
+        transformers = pytest.importorskip("transformers")
+        model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / case, dtype=dtype, attn_implementation=attn)
+        ids = reference(case)["input_ids"]
+        _live[case, dtype, attn] = skip_on_torch_sdpa_bug(model.eval(), input_ids=ids, output_router_logits=case in MOE)
+    return _live[case, dtype, attn]
+
+
+# ---- exactness against the reference ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -80,35 +122,73 @@ def test_float32_logits_match_reference(case, attn):
     ref = reference(case)
     logits, _ = load(case, attn)(ref["input_ids"])
     assert logits.dtype == torch.float32
-    assert max_diff(logits, ref["logits"]) < F32_TOL
+    assert_close_to_fixture(logits, ref["logits"])
 
 
 @pytest.mark.parametrize("matmul", ["bfloat16", "float32"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("case", CASES)
-def test_bfloat16_logits_within_reference_rounding(case, attn, matmul, monkeypatch):
-    # bfloat16 keeps 8 significant bits, so logits of size ~4 round in steps of 1/32, and 2-4 layers of such
-    # rounding move them by a few steps: the reference's own bf16 logits differ from its float32 ones by
-    # 0.045-0.082 on these fixtures. Ours must be as close to float32 as that, within a factor 1.5 (a
-    # different attention kernel rounds differently), and the SDPA path uses the reference's kernel, so
-    # must equal its bf16 logits to one rounding step of the largest logit (1/32).
-    # A mixture of experts adds a trap: a last-bit difference in the router's input can flip a near-tie between
-    # two experts, which moves logits by a whole expert's contribution (the reference's own bf16 error is 1.1 on
-    # olmoe). So the new fixtures also hold the reference's bf16 logits with the eager attention, and each of our
-    # paths must equal the reference's bf16 logits of the same kernel to 1/32 (they are bitwise equal today).
-    # On CPUs without fast bfloat16 arithmetic a step of 32+ tokens multiplies in float32 (olmo.Linear): the sums
-    # run in another order than in the bfloat16 kernel, and a last-bit difference grows to two rounding steps of
-    # the largest logit (0.041 on the hybrid fixture; the others stay bitwise equal). Both paths are tested.
-    monkeypatch.setattr(olmo, "CPU_BF16_IS_FAST", matmul == "bfloat16")
-    ref = reference(case)
-    logits, _ = load(case, attn, torch.bfloat16)(ref["input_ids"])
+def test_bfloat16_logits_match_the_live_reference(case, attn, matmul, monkeypatch):
+    # bfloat16 keeps 8 significant bits: logits of size ~4 round in steps of 1/32, and which way each rounding goes
+    # depends on the order of the sums, that is, on this machine's kernels. So the reference runs here, now.
+    # - Prompt products in bfloat16 (olmo.PROMPT_MATMUL): we call the same kernels as the reference on the same
+    #   inputs in the same order, so on any machine the logits are the same bits. Any change of what is rounded
+    #   when (OLMoE's norm rounding first, RoPE's cos/sin in bfloat16, a softmax in bfloat16) breaks that.
+    # - Prompt products in float32 (what CPUs without fast bfloat16 run): the sums run in another order, so a last
+    #   bit differs here and there. Bound: the reference's own bfloat16 error, its bfloat16 logits against its
+    #   float32 ones, measured on this machine.
+    monkeypatch.setattr(olmo, "PROMPT_MATMUL", matmul)
+    ref16, ref32 = live_reference(case, torch.bfloat16, attn), live_reference(case, torch.float32, attn)
+    model = load(case, attn, torch.bfloat16)
+    logits = skip_on_torch_sdpa_bug(model, reference(case)["input_ids"])[0]
     assert logits.dtype == torch.bfloat16
-    ref_error = max_diff(ref["logits_bf16"], ref["logits"])
-    same_kernel = ref["logits_bf16"] if attn == "sdpa" else ref.get("logits_bf16_eager")
-    if same_kernel is not None:
-        assert max_diff(logits, same_kernel) <= (1 if matmul == "bfloat16" else 2) / 32
-    if same_kernel is None or case not in MOE:
-        assert max_diff(logits, ref["logits"]) <= 1.5 * ref_error
+    if matmul == "bfloat16":
+        assert max_diff(logits, ref16.logits) == 0
+    elif case in MOE:
+        assert_routes_as_the_reference(model, logits, ref16, ref32)
+    else:
+        ref_error = max_diff(ref16.logits, ref32.logits)
+        assert max_diff(logits, ref16.logits) <= ref_error
+        assert max_diff(logits, ref32.logits) <= 1.5 * ref_error
+
+
+def routing(router_logits, k):
+    """Per layer: each token's router probabilities (N, E) and chosen experts (N, k), as the reference chooses them."""
+    out = []
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), -1)
+        out.append((probs, probs.topk(k, -1).indices.sort(-1).values))
+    return out
+
+
+def routed_alike(a, b, shape):
+    """(B, T) True where two routings chose the same experts in every layer for this token and all before it in its
+    row (attention carries an earlier token's difference into the later ones)."""
+    same = torch.stack([(ca == cb).all(-1) for (_, ca), (_, cb) in zip(a, b)]).all(0).view(shape)
+    return same.int().cummin(-1).values.bool()
+
+
+def assert_routes_as_the_reference(model, logits, ref16, ref32):
+    """A mixture in bfloat16 whose sums run in another order than the reference's: where a token's k-th and
+    (k+1)-th router probabilities are closer than rounding moves them, either choice is right and the logits after
+    it may differ by a whole expert's output. Rounding's size is the reference's own: its bfloat16 router
+    probabilities and logits against its float32 ones, where those two routed alike. Elsewhere the choices must be
+    the reference's, and where every choice so far was, the logits must be as close as the reference's own."""
+    k, shape = model.config.num_experts_per_tok, logits.shape[:2]
+    ours = routing([layer.mlp.router_logits for layer in model.model.layers], k)
+    r16, r32 = routing(ref16.router_logits, k), routing(ref32.router_logits, k)
+    clean = routed_alike(r16, r32, shape).flatten()
+    prob_error = max(max_diff(p16[clean], p32[clean]) for (p16, _), (p32, _) in zip(r16, r32))
+    logit_error = max_diff(ref16.logits[clean.view(shape)], ref32.logits[clean.view(shape)])
+    decided = ties = 0
+    for (_, chosen), (p16, ref_chosen) in zip(ours, r16):
+        top = p16.topk(k + 1, -1).values if k < p16.shape[-1] else None
+        clear = top[:, k - 1] - top[:, k] > prob_error if top is not None else torch.ones(len(p16), dtype=torch.bool)
+        assert torch.equal(chosen[clear], ref_chosen[clear]), "a router choice the reference makes by a clear margin"
+        decided, ties = decided + clear.sum().item(), ties + (~clear).sum().item()
+    same = routed_alike(ours, r16, shape)
+    assert decided > ties and same.any(), (decided, ties)
+    assert max_diff(logits[same], ref16.logits[same]) <= logit_error
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -152,6 +232,7 @@ def decode_in_chunks(model, ids, chunks, static=False):
     return torch.cat(out, 1), cache
 
 
+@pytest.mark.slow
 def test_compiled_blocks_share_one_graph_and_match_eager():
     # 10 layers, more than torch's recompile limit (8): had each layer compiled its own graph, the rest would
     # silently run eagerly. Graphs: the prefill, decode steps while a ring still has room, decode steps after.
@@ -227,7 +308,7 @@ def test_padded_batch_matches_reference_and_single_prompts(attn):
     ids, mask = ref["padded_ids"], ref["padded_mask"]
     logits, _ = model(ids, attention_mask=mask)
     real = mask.bool()
-    assert max_diff(logits[real], ref["padded_logits"][real]) < F32_TOL
+    assert_close_to_fixture(logits[real], ref["padded_logits"][real])
     alone, _ = model(ids[:1, 5:])  # row 0 without its 5 pads
     assert max_diff(logits[0, 5:], alone[0]) < F32_TOL
     alone, _ = model(ids[1:])
@@ -313,11 +394,12 @@ def test_load_balancing_loss_with_padding_matches_reference():
         assert abs(olmo.load_balancing_loss(logits, 2, m).item() - expected.item()) < 1e-6
 
 
-def test_a_routing_tie_breaks_as_the_reference_breaks_it():
+def test_a_routing_tie_breaks_as_the_reference_breaks_it(monkeypatch):
     # experts 2 and 5 get the same router row, so every token ties them exactly (in bfloat16 too). Where the tie
     # falls at the k-th place, one of the two is chosen, and the two experts compute different things: the choice
     # must come from the same float32 softmax and torch.topk as the reference's to give its logits.
     transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(olmo, "PROMPT_MATMUL", "bfloat16")  # the reference's kernels: the same bits
     ids = reference("olmoe")["input_ids"]
     ref = transformers.OlmoeForCausalLM.from_pretrained(FIXTURES / "olmoe", dtype=torch.bfloat16).eval()
     ours = load("olmoe", dtype=torch.bfloat16)
@@ -355,20 +437,22 @@ def test_decoding_reads_only_the_chosen_experts():
         assert sorted(e for j, e, _ in calls if j == i) == sorted(chosen)
 
 
-def test_olmoe_rounds_as_the_reference_in_bfloat16():
+def test_olmoe_rounds_as_the_reference_in_bfloat16(monkeypatch):
     # OLMoE's RMSNorm rounds before its weight multiply, and its RoPE uses cos/sin in bfloat16: each shows only
-    # in bfloat16, where our logits equal the reference's bitwise; undoing either breaks that
-    ref, model = reference("olmoe_clip_norm"), load("olmoe_clip_norm", dtype=torch.bfloat16)
-    ids = ref["input_ids"]
-    assert max_diff(model(ids)[0], ref["logits_bf16"]) == 0
+    # in bfloat16, where our logits equal the reference's bitwise (same kernels: see the bfloat16 test above);
+    # undoing either breaks that
+    monkeypatch.setattr(olmo, "PROMPT_MATMUL", "bfloat16")
+    expected, model = live_reference("olmoe_clip_norm", torch.bfloat16).logits, load("olmoe_clip_norm", dtype=torch.bfloat16)
+    ids = reference("olmoe_clip_norm")["input_ids"]
+    assert max_diff(model(ids)[0], expected) == 0
     norms = [m for m in model.modules() if isinstance(m, olmo.RMSNorm)]
     for m in norms:
         m.rounds_first = False
-    assert max_diff(model(ids)[0], ref["logits_bf16"]) > 0
+    assert max_diff(model(ids)[0], expected) > 0
     for m in norms:
         m.rounds_first = True
     model.config.model_type = "olmo2"  # rope_in_model_dtype off (the norms keep their own setting)
-    assert max_diff(model(ids)[0], ref["logits_bf16"]) > 0
+    assert max_diff(model(ids)[0], expected) > 0
 
 
 def test_moe_checkpoint_errors_are_clear(tmp_path):
@@ -428,7 +512,7 @@ def test_hybrid_cached_decoding_equals_full_forward(chunks, static):
     model, ids = load("olmo_hybrid"), reference("olmo_hybrid")["input_ids"]
     full, _ = model(ids)
     assert max_diff(decode_in_chunks(model, ids, chunks, static)[0], full) < HYBRID_STEP_TOL
-    assert max_diff(full, reference("olmo_hybrid")["logits"]) < F32_TOL
+    assert_close_to_fixture(full, reference("olmo_hybrid")["logits"])
 
 
 def test_hybrid_padded_batch_matches_reference():
@@ -436,7 +520,7 @@ def test_hybrid_padded_batch_matches_reference():
     ids, mask = ref["padded_ids"], ref["padded_mask"]
     logits, _ = model(ids, attention_mask=mask)
     real = mask.bool()
-    assert max_diff(logits[real], ref["padded_logits"][real]) < F32_TOL
+    assert_close_to_fixture(logits[real], ref["padded_logits"][real])
     alone, _ = model(ids[:1, 5:])  # row 0 without its 5 pads: the pads left no trace in the state (its chunks of 64
     assert max_diff(logits[0, 5:], alone[0]) < HYBRID_STEP_TOL  # start 5 tokens later: float32 rounding differs)
     cache = model.new_cache(2, 150)  # and with a cache: a padded prompt, then decoding
@@ -508,7 +592,7 @@ def test_hybrid_checkpoint_layouts(layout, tmp_path):
         (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp_path / "config.json").write_text((FIXTURES / "olmo_hybrid" / "config.json").read_text())
     model = olmo.OlmoForCausalLM.from_pretrained(tmp_path)
-    assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+    assert_close_to_fixture(model(ref["input_ids"])[0], ref["logits"])
 
 
 def test_hybrid_checkpoint_errors_are_clear(tmp_path):
@@ -574,17 +658,18 @@ def fake_quantized(model, bits):
 def test_quantized_logits_match_the_fake_quantized_math(case, mode):
     # in float32 the quantized model computes what rounding its weights does (to 3e-6..7e-6 here; the hybrid's
     # recurrence carries the last bits further: 6e-5), so its logits move from the float32 reference by that
-    # rounding's error and no more; in bfloat16 by at most 1.5x that plus the reference's own bfloat16 error
-    ref = reference(case)
-    ids = ref["input_ids"]
+    # rounding's error and no more; in bfloat16 by at most 1.5x that plus the reference's own bfloat16 error (live)
+    ids = reference(case)["input_ids"]
+    ref16, ref32 = live_reference(case, torch.bfloat16), live_reference(case, torch.float32)
     fq = fake_quantized(load(case), 8 if mode == "int8" else 4)(ids)[0]
-    fq_error = max_diff(fq, ref["logits"])
+    fq_error = max_diff(fq, ref32.logits)
     ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize=mode)
     left = [name for name, m in ours.named_modules() if type(m) is olmo.Linear]  # routers, a tied head
     assert all(name.endswith("mlp.gate") or name == "lm_head" and ours.config.tie_word_embeddings for name in left)
     assert max_diff(ours(ids)[0], fq) < (HYBRID_STEP_TOL if case == "olmo_hybrid" else F32_TOL)
     bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
-    assert max_diff(bf16(ids)[0], ref["logits"]) <= 1.5 * fq_error + max_diff(ref["logits_bf16"], ref["logits"])
+    logits = skip_on_torch_sdpa_bug(bf16, ids)[0]
+    assert max_diff(logits, ref32.logits) <= 1.5 * fq_error + max_diff(ref16.logits, ref32.logits)
 
 
 def test_matmul_in_float32_block_by_block(monkeypatch):
@@ -599,28 +684,37 @@ def test_matmul_in_float32_block_by_block(monkeypatch):
     assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
 
 
-def test_quantized_greedy_text_equals_bfloat16s():
-    # on the trained tiny OLMo (notebooks/tiny_olmo), whose bfloat16 greedy text equals its float32 text, int8's is
-    # the same over 64 tokens (int4, lossier, is not asked to)
+@pytest.mark.slow
+def test_quantized_greedy_text_keeps_the_float32_choices():
+    # on the trained tiny OLMo (notebooks/tiny_olmo): sample.py --quantize int8 prints what generate() computes, and
+    # each token of int8's greedy text is the float32 model's choice given the same text before it, wherever the
+    # float32 model's top two logits are further apart than int8 can move them: its weights' rounding (the
+    # fake-quantized model's error) plus bfloat16's (the bfloat16 model's error), both measured on that text
     folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
-    common = ["--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64"]
-    texts = {name: run_sample(*common, *extra) for name, extra in [
-        ("float32", ["--dtype", "float32"]), ("bfloat16", ["--dtype", "bfloat16"]),
-        ("int8", ["--dtype", "bfloat16", "--quantize", "int8"])]}
-    assert all(r.returncode == 0 for r in texts.values()), [r.stderr for r in texts.values()]
-    assert texts["bfloat16"].stdout == texts["float32"].stdout and texts["int8"].stdout == texts["bfloat16"].stdout
-    assert "int8 weights" in texts["int8"].stderr
     tokenizer = olmo.load_tokenizer(folder)
-    models = [olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q) for dtype, q in
-              [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8")]]
-    agree = 0
-    for prompt in ["The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
-        f32, bf16, int8, int8_f32 = [list(sample.generate(m, tokenizer.encode(prompt), 64)) for m in models]
-        if bf16 == f32:  # where bfloat16 itself keeps float32's text, so does int8
-            agree += 1
-            assert int8 == bf16, prompt
-        assert int8_f32 == f32, prompt  # int8 weights, float32 activations: float32's text everywhere here
-    assert agree >= 4
+    r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64",
+                   "--dtype", "bfloat16", "--quantize", "int8")
+    assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
+    load_as = lambda dtype, q=None: olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q)
+    int8, int8_f32, f32, bf16 = load_as(torch.bfloat16, "int8"), load_as(torch.float32, "int8"), load_as(torch.float32), load_as(torch.bfloat16)
+    fq = fake_quantized(f32, 8)
+    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(int8, tokenizer.encode("Return the"), 64))) + "\n"
+    clear = total = 0
+    for prompt in ["Return the", "The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
+        ids = tokenizer.encode(prompt)
+        for model, truth, limit in [(int8, f32, None), (int8_f32, fq, 1e-4)]:
+            new = list(sample.generate(model, ids, 64))
+            seq = torch.tensor([ids + new])
+            at = lambda m: m(seq)[0][0, len(ids) - 1:-1].float()  # the logits that chose each new token
+            expected = at(truth)
+            if limit is None:  # int8 weights and bfloat16 activations against float32
+                limit = (at(fq) - expected).abs().amax(-1) + (at(bf16) - expected).abs().amax(-1)
+                assert max_diff(at(model), expected) <= 1.5 * limit.max()
+            top = expected.topk(2, -1)
+            decided = top.values[:, 0] - top.values[:, 1] > 2 * limit  # each logit may move by limit
+            assert torch.equal(torch.tensor(new)[decided], top.indices[decided, 0]), prompt
+            clear, total = clear + decided.sum().item(), total + len(new)
+    assert clear > 0.75 * total, (clear, total)
 
 
 def test_quantization_errors_are_clear():
@@ -766,7 +860,7 @@ def test_ai2_original_layout_matches_ai2_model(case):
     ref = reference(case)
     model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case)
     assert model.config.model_type == {"ai2_olmo1": "olmo", "ai2_olmo2": "olmo2"}[case]
-    assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+    assert_close_to_fixture(model(ref["input_ids"])[0], ref["logits"])
 
 
 def _save_bin(state, folder, shards):
@@ -797,7 +891,7 @@ def test_checkpoint_layouts(layout, tmp_path):
         _save_bin({k: v.clone() for k, v in state.items()}, tmp_path, shards=1 if layout == "bin" else 3)
     ref = reference(case)
     model = olmo.OlmoForCausalLM.from_pretrained(tmp_path)
-    assert max_diff(model(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+    assert_close_to_fixture(model(ref["input_ids"])[0], ref["logits"])
 
 
 def test_load_converts_dtype():
@@ -814,7 +908,7 @@ def test_weights_are_read_into_their_own_memory(tmp_path):
     for dtype in (None, torch.bfloat16):
         model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype)
         assert all(p.untyped_storage().nbytes() == p.nbytes for p in model.parameters())
-    assert max_diff(olmo.OlmoForCausalLM.from_pretrained(folder)(ref["input_ids"])[0], ref["logits"]) < F32_TOL
+    assert_close_to_fixture(olmo.OlmoForCausalLM.from_pretrained(folder)(ref["input_ids"])[0], ref["logits"])
 
 
 def test_mapped_tensors_are_views_of_the_file(tmp_path):
@@ -844,14 +938,15 @@ print((peak_kb() - base) * 1024, (rss_kb() - base_rss) * 1024, sum(p.nbytes for 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")])
 def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
-    # a float32 checkpoint of ~190 MB, loaded as is and converted to bfloat16: loading may add to the model's own
-    # memory at most the one file tensor being read (when converting) and a fixed 32 MiB (allocator, threads);
-    # a second copy of the weights would add >= 134 MB. Quantized: the file is mapped and its pages count while
-    # touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is converted.
-    # Afterwards the resident memory is the model's: the mapping released, and the allocator's freed pages handed
-    # back (glibc kept 30-40 MiB of them here, 2.2 GB for OLMo-2 13B)
+    # a float32 checkpoint of 256 MiB, loaded as is and converted to bfloat16: loading may add to the model's own
+    # memory the one file tensor being read (when converting) and a quarter of the model at most (the allocator,
+    # threads): a second copy of the weights would add the whole model. Quantized: the file is mapped and its pages
+    # count while touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is
+    # converted. Afterwards the resident memory is the model's, within a quarter of it: the mapping released, and the
+    # allocator's freed pages handed back (without that, glibc keeps about half the int8 model here)
     safetensors = pytest.importorskip("safetensors.torch")
     config = olmo.OlmoConfig(model_type="olmo2", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
                              num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
@@ -866,8 +961,9 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
     in_flight = 4 * max(s.numel() for s in names.values()) if dtype == "bfloat16" else 0
     file_bytes = (tmp_path / "model.safetensors").stat().st_size if quantize != "none" else 0
     extra = peak - model_bytes - file_bytes
-    assert extra <= in_flight + 32 * 2**20, f"loading added {extra / 2**20:.0f} MiB beyond the model ({model_bytes / 2**20:.0f} MiB)"
-    assert resident - model_bytes <= 16 * 2**20, f"{(resident - model_bytes) / 2**20:.0f} MiB resident beyond the model"
+    mib = lambda n: f"{n / 2**20:.0f} MiB"
+    assert extra <= in_flight + model_bytes / 4, f"loading added {mib(extra)} beyond the model ({mib(model_bytes)})"
+    assert resident - model_bytes <= model_bytes / 4, f"{mib(resident - model_bytes)} resident beyond the model ({mib(model_bytes)})"
 
 
 def _folder(tmp_path, case="olmo2"):
@@ -1052,6 +1148,7 @@ def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
     return new[:-1] if new and new[-1] in ([eos] if isinstance(eos, int) else eos or [model.config.eos_token_id]) else new
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,dtype,extra", [("olmo", "float32", []), ("olmo2", "float32", []),
                                                 ("olmo2", "bfloat16", []), ("olmo3", "float32", []),
                                                 ("olmo3", "float32", ["--compile"]), ("olmoe", "float32", []),
@@ -1064,15 +1161,43 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     prompt = "The history of the  Open Language Model ist ganz 日本語 interessant:"
-    new = reference_greedy(cls, tmp_path, tok.encode(prompt).ids, 40, getattr(torch, dtype))
-    assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
+    ids = tok.encode(prompt).ids
     r = run_sample("--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40",
                    "--dtype", dtype, "--device", "cpu", *extra)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
+    if dtype == "float32":  # float32 greedy text is the reference's, token for token
+        new = reference_greedy(cls, tmp_path, ids, 40)
+        assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
+        assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
+        return
+    # bfloat16: we decode with torch.mv where the reference calls F.linear, so a last bit can differ, and on random
+    # weights two tokens can be that close. The text is ours (sample.generate in this process, what sample.py
+    # printed), and every token of it must be the reference's choice given the same text before it, wherever the
+    # reference's top two are further apart than its own bfloat16 error
+    model = olmo.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    eos = model.config.eos_token_id
+    new = list(sample.generate(model, ids, 40, stop_ids={eos}))
+    new = new[:-1] if new[-1] == eos else new
+    assert len(new) > 20 and r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
+    assert_greedy_as_the_reference(cls, tmp_path, ids, new)
 
 
+def assert_greedy_as_the_reference(cls, folder, prompt_ids, new):
+    """Teacher-forced: the reference reads prompt + new in bfloat16 and float32; each new token must be its bfloat16
+    argmax where the top two logits are further apart than its bfloat16 logits are from its float32 ones there."""
+    seq = torch.tensor([prompt_ids + new])
+    logits = {dtype: cls.from_pretrained(folder, dtype=dtype).eval()(input_ids=seq).logits[0, len(prompt_ids) - 1:-1].float()
+              for dtype in (torch.bfloat16, torch.float32)}
+    error = (logits[torch.bfloat16] - logits[torch.float32]).abs().amax(-1)  # (len(new),)
+    top = logits[torch.bfloat16].topk(2, -1)
+    clear = top.values[:, 0] - top.values[:, 1] > error
+    assert clear.sum() >= len(new) // 2, (clear.sum(), error)
+    wrong = [i for i in range(len(new)) if clear[i] and new[i] != top.indices[i, 0]]
+    assert not wrong, f"new tokens {wrong} are not the reference's clear choice"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "int8"]])
 def test_bench_runs_and_reports(extra):
     # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
@@ -1089,6 +1214,7 @@ def test_bench_runs_and_reports(extra):
     assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
 
 
+@pytest.mark.slow
 def test_bench_whole_processes_run_and_report(tmp_path):
     # sample.py and the transformers script as whole processes, bf16 and int8 (int8's peer needs torchao)
     e2e_checkpoint("olmo2", tmp_path)
@@ -1101,6 +1227,7 @@ def test_bench_whole_processes_run_and_report(tmp_path):
     assert "olmo.py int8" in r.stdout and "transformers bf16" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])
 def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
     e2e_checkpoint(family, tmp_path, chat_template=template)
@@ -1115,6 +1242,7 @@ def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
                                                                 return_dict=False)
 
 
+@pytest.mark.slow
 def test_chat_generation_stops_at_end_of_turn(tmp_path):
     cls = e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
     tokenizer = olmo.load_tokenizer(tmp_path)
@@ -1156,6 +1284,7 @@ def reference_conversation(cls, folder, messages, n, system=None):
     return replies, lengths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3"), (TRUNCATING, "olmo2")],
                          ids=["tulu", "chatml", "truncating"])
 def test_conversation_equals_reference_turn_by_turn(template, family, tmp_path):
@@ -1214,6 +1343,7 @@ def test_conversation_keeps_an_interrupted_reply(tmp_path, monkeypatch, capsys):
     assert len(tokenizer.encode(partial)) == 3
 
 
+@pytest.mark.slow
 def test_conversation_commands_and_a_full_context(tmp_path):
     e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
     common = ["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32"]
@@ -1229,6 +1359,7 @@ def test_conversation_commands_and_a_full_context(tmp_path):
     assert "the context holds 18 (--max-context): /reset starts a new one" in r.stderr
 
 
+@pytest.mark.slow
 def test_conversation_in_a_terminal_ends_with_ctrl_d(tmp_path):
     import pty
     e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
@@ -1286,6 +1417,7 @@ def test_sampling_filters():
     assert draws() == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_prompt_from_stdin_and_file(tmp_path):
     e2e_checkpoint("olmo2", tmp_path)
     (tmp_path / "p.txt").write_text("From a file")
@@ -1306,6 +1438,7 @@ def test_prompt_from_stdin_and_file(tmp_path):
     (["--max-new-tokens", "300"], "exceeds the model's context of 256 tokens"),
     (["--chat"], "has no chat template"),
 ])
+@pytest.mark.slow
 def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
     e2e_checkpoint("olmo2", tmp_path)
     r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
@@ -1313,6 +1446,7 @@ def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
     assert re.search(message, r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_bad_model_is_a_one_line_error(tmp_path):
     r = run_sample("--model", str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
@@ -1345,6 +1479,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_cpu_processes_match_one(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, str(tmp_path), *DENSE, *MOE], cwd=Path(__file__).parent,
@@ -1356,8 +1491,8 @@ def test_tensor_parallel_two_cpu_processes_match_one(tmp_path):
     for case in DENSE + MOE:
         ref, config = reference(case), olmo.read_config(FIXTURES / case)
         for out in ranks:
-            assert max_diff(out[case]["logits"], ref["logits"]) < F32_TOL, case
-            assert max_diff(out[case]["stepped"], ref["logits"]) < F32_TOL, case
+            assert_close_to_fixture(out[case]["logits"], ref["logits"])
+            assert_close_to_fixture(out[case]["stepped"], ref["logits"])
             shares = out[case]["shares"]
             # per layer 4 attention projections, 3 per MLP (every expert's), the QK-norms of all but OLMo 1; the
             # untied head: each rank holds exactly half of each (the router stays whole)
@@ -1367,6 +1502,7 @@ def test_tensor_parallel_two_cpu_processes_match_one(tmp_path):
             assert all(local * 2 == total for local, total in shares.values()), (case, shares)
 
 
+@pytest.mark.slow
 def test_torchrun_sample_generates_the_single_process_text(tmp_path):
     e2e_checkpoint("olmo3", tmp_path)
     args = ["--model", str(tmp_path), "--prompt", "Tensor parallel", "--temperature", "0", "--max-new-tokens", "20",
@@ -1435,6 +1571,7 @@ def test_the_notebooks_are_committed_with_outputs_asserts_and_exercises():
         assert 2 <= len(re.findall(r"^check_\w+\(my_\w+\)$", source, re.M)) <= 4, path.name  # exercises
 
 
+@pytest.mark.slow
 def test_readme_first_command_runs_the_tiny_olmo_offline():
     # the first set-up command of README.md: the checkpoint that notebook 06 trains, in the repository
     readme = (Path(__file__).parent / "README.md").read_text()
@@ -1444,13 +1581,22 @@ def test_readme_first_command_runs_the_tiny_olmo_offline():
     assert r.stdout.startswith("Return the") and len(r.stdout) > 40 and "decode" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     nb = nbformat.read(path, as_version=4)
+    before = folder_contents(path.parent)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert folder_contents(path.parent) == before  # a notebook run by the tests writes nothing into the repository
 
 
+def folder_contents(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts
+            and ".ipynb_checkpoints" not in p.parts}
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly(tmp_path):
     import signal
     e2e_checkpoint("olmo2", tmp_path)

@@ -296,7 +296,8 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max
     if args.device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB GPU"
     else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB RSS"
+        per_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * per_unit / 1e9:.2f} GB RSS"
     weights = sum(p.nbytes for p in weights_read_per_token(model))
     print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill:.1f} tok/s, "
           f"decode {n} tokens at {decode:.1f} tok/s ({decode * weights / 1e9:.1f} GB/s of weights), peak {peak}",

@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 import olmo
 
 torch.set_grad_enabled(False)
+# torch.compile's on-disk cache does not tell kernels compiled under one ATEN_CPU_CAPABILITY from another's, and
+# reused them wrongly (logits off by 0.8 after a run with the native setting, PyTorch 2.13): one cache per setting
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
+                                                     f"torchinductor_olmo_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZERS = FIXTURES / "tokenizers"  # the real OLMo tokenizer files (fixtures/tokenizers/README.md)
 DENSE = ["olmo1", "olmo1_tied_clip", "olmo2", "olmo2_gqa", "olmo3"]
@@ -1140,6 +1145,11 @@ def run_sample(*args, stdin=None):
                           text=True, input=stdin, timeout=300)
 
 
+def as_read(text):
+    """text as run_sample reads it back from a pipe (universal newlines: "\\r\\n" and "\\r" become "\\n")."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
     """The reference's greedy generate(): the new ids, without the final end-of-text if it stopped there."""
     model = cls.from_pretrained(folder, dtype=dtype).eval()
@@ -1169,7 +1179,7 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     if dtype == "float32":  # float32 greedy text is the reference's, token for token
         new = reference_greedy(cls, tmp_path, ids, 40)
         assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
-        assert r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
+        assert r.stdout == as_read(prompt + tok.decode(new, skip_special_tokens=False) + "\n")
         return
     # bfloat16: we decode with torch.mv where the reference calls F.linear, so a last bit can differ, and on random
     # weights two tokens can be that close. The text is ours (sample.generate in this process, what sample.py
@@ -1179,7 +1189,8 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
     eos = model.config.eos_token_id
     new = list(sample.generate(model, ids, 40, stop_ids={eos}))
     new = new[:-1] if new[-1] == eos else new
-    assert len(new) > 20 and r.stdout == prompt + tok.decode(new, skip_special_tokens=False) + "\n"
+    # (decoded by Python, as sample.py prints: the tokenizers library replaces a broken UTF-8 sequence differently)
+    assert len(new) > 20 and r.stdout == as_read(prompt + olmo.load_tokenizer(tmp_path).decode(new) + "\n")
     assert_greedy_as_the_reference(cls, tmp_path, ids, new)
 
 
@@ -1391,7 +1402,7 @@ def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", type("W", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
     args = sample.parse_args(["--model", "x", "--device", "cpu", "--max-new-tokens", str(len(ids))])[1]
     model = load("olmo2")
-    assert sample.stream(model, tokenizer, [5], args, set(), None)
+    assert sample.stream(model, tokenizer, [5], args, set(), None) == (ids, False)  # every token, not interrupted
     assert "".join(writes) == text + "\n"
     assert not any("\ufffd" in w for w in writes)
 
@@ -1469,6 +1480,9 @@ for case in sys.argv[2:]:
     out[case] = dict(logits=model(ids)[0], stepped=torch.cat(stepped, 1), shares=shares)
 torch.save(out, f"{sys.argv[1]}/rank{mesh.get_rank()}.pt")
 torch.distributed.destroy_process_group()
+# the results are saved: skip the interpreter's teardown, where once (of many runs, on a loaded machine) a
+# thread of the process group aborted the process ("terminate called without an active exception")
+import os; os._exit(0)
 """
 
 

@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded per measurement (as sample.py's)")
     p.add_argument("--batch", type=int, default=8, help="the second decode batch size")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
@@ -196,7 +196,7 @@ class Ours:
         (greedy) per call, n calls at most."""
         model = self.model
         cache = model.new_cache(ids.shape[0], ids.shape[1] + WARMUP_STEPS + n, static=self.cuda_graph)
-        forward = sample.decoder(model, cache)
+        forward = sample.decode_step(model, cache)
         with torch.inference_mode():
             logits = [model(ids, cache=cache, last_only=True)[0]]
 
@@ -246,7 +246,7 @@ def random_ids(args, shape):  # token ids that every vocabulary has
 def decode_rate(impl, batch, args):
     """Tokens/s of the decode steps alone, the prefill left out. transformers: generate() as a user calls it,
     (time for n tokens - time for 1) / (n - 1). Ours: n - 1 steps timed after the warm-up steps."""
-    ids, n = random_ids(args, (batch, args.prompt_len)), args.new_tokens
+    ids, n = random_ids(args, (batch, args.prompt_len)), args.max_new_tokens
     if isinstance(impl, Reference):
         t_1 = timed(lambda: impl.decode(ids, 1), args.device, repeats=2)
         t_n = timed(lambda: impl.decode(ids, n), args.device, repeats=1, warmup=False)
@@ -322,9 +322,9 @@ def in_process(args, folder, have_reference):
     read_bw, copy_bw = memory_bandwidth(args.device)
     ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
     load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    impls, cuda = {"ours": Ours(load())}, args.device.type == "cuda"
+    impls = {"ours": Ours(load())}
     args.vocab_size = impls["ours"].model.config.vocab_size
-    graph = cuda and not impls["ours"].model.config.num_experts  # (a mixture of experts routes on the host)
+    graph = olmo.can_replay_graph(impls["ours"].model)
     if graph:  # the same model, decode steps replayed from a CUDA graph
         impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
     if args.compile:
@@ -418,7 +418,7 @@ def whole_processes(args, folder, have_reference):
     peers = {"bf16": have_reference, "int8": have_reference and importlib.util.find_spec("torchao") is not None,
              "int4": False}
     runs = [(impl, v) for v in args.variants for impl in (["olmo.py"] + (["transformers"] if peers[v] else []))]
-    n = args.new_tokens
+    n = args.max_new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         short, long = Path(tmp) / "short.txt", Path(tmp) / "long.txt"
         tokenizer = olmo.load_tokenizer(folder)

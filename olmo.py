@@ -1,10 +1,12 @@
 """
 The OLMo family in one file: the language models of AI2's Open Language Model project.
 
-Read top to bottom: config -> norms -> rotary embedding (plain and YaRN) -> attention -> Gated DeltaNet ->
-MLP -> mixture of experts -> block -> model -> KV cache -> checkpoint loader -> tokenizer. Parameter names
-equal the Hugging Face checkpoint names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads
-with load_state_dict.
+Reading order. The dense model first, whole: config -> norms -> rotary embedding (plain and YaRN) -> attention
+-> MLP -> block -> model. Then what some families add, each in its own section: the mixture of experts (OLMoE,
+FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the runtime, which changes how fast the model computes but not
+what: fast CPU matrix products (Linear), the KV cache, torch.compile and CUDA graphs. Then the checkpoint loader,
+weight-only quantization, tensor parallelism and the tokenizer. Parameter names equal the Hugging Face checkpoint
+names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with load_state_dict.
 
 The generations differ in a few lines, each behind one config flag:
   OLMo 1 (model_type "olmo"):     pre-norm blocks with a LayerNorm that has no weights; optional clip_qkv.
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: field names are the keys of the Hugging Face config.json
@@ -194,38 +197,50 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _preset(model_type, d, I, L, H, KV, ctx, vocab, **extra):
+def _preset(model_type, **keys):
+    """A released shape: config.json keys, with the family's defaults, tokenizer ids and KV heads = query heads."""
     neox = model_type in ("olmo", "olmoe")  # OLMo 1 and OLMoE use the GPT-NeoX tokenizer; the rest dolma2
     eos, pad = (50279, 1) if neox else (100257, 100277)
-    return REFERENCE_DEFAULTS[model_type] | dict(
-        model_type=model_type, hidden_size=d, intermediate_size=I, num_hidden_layers=L, num_attention_heads=H,
-        num_key_value_heads=KV, max_position_embeddings=ctx, vocab_size=vocab, eos_token_id=eos, pad_token_id=pad) | extra
+    return REFERENCE_DEFAULTS[model_type] | dict(model_type=model_type, eos_token_id=eos, pad_token_id=pad,
+                                                 num_key_value_heads=keys["num_attention_heads"]) | keys
 
 
 _YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
              attention_factor=1.2079441541679836)
-_OLMO3 = dict(sliding_window=4096, rope_scaling=_YARN)
-_EPS = dict(rms_norm_eps=1e-6)  # what the released OLMo 2/3 config.json files say (the reference's default: 1e-5)
+_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+_OLMO1 = dict(vocab_size=50304, max_position_embeddings=2048)
+_OLMO1_7B = dict(_OLMO1, **_7B)
+# rms_norm_eps: what the released OLMo 2/3 config.json files say (the reference's default: 1e-5)
+_OLMO2 = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6)
+_OLMO3 = dict(vocab_size=100278, max_position_embeddings=65536, rms_norm_eps=1e-6, sliding_window=4096, rope_scaling=_YARN)
+_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8)
+_OLMOE = dict(vocab_size=50304, max_position_embeddings=4096, hidden_size=2048, intermediate_size=1024,
+              num_hidden_layers=16, num_attention_heads=16)
 PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
-    "OLMo-1B-hf": _preset("olmo", 2048, 8192, 16, 16, 16, 2048, 50304, tie_word_embeddings=True),
-    "OLMo-7B-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
-    "OLMo-7B-Twin-2T-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 2048, 50304),
-    "OLMo-7B-0424-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
-    "OLMo-7B-0724-hf": _preset("olmo", 4096, 11008, 32, 32, 32, 4096, 50304, clip_qkv=8.0),
-    "OLMo-2-0425-1B": _preset("olmo2", 2048, 8192, 16, 16, 16, 4096, 100352, rope_theta=500000.0, **_EPS),
-    "OLMo-2-1124-7B": _preset("olmo2", 4096, 11008, 32, 32, 32, 4096, 100352, rope_theta=500000.0, **_EPS),
-    "OLMo-2-1124-13B": _preset("olmo2", 5120, 13824, 40, 40, 40, 4096, 100352, rope_theta=500000.0, **_EPS),
-    "OLMo-2-0325-32B": _preset("olmo2", 5120, 27648, 64, 40, 8, 4096, 100352, rope_theta=500000.0, **_EPS),
-    "Olmo-3-1025-7B": _preset("olmo3", 4096, 11008, 32, 32, 32, 65536, 100278, **_EPS, **_OLMO3),
-    "Olmo-3-1125-32B": _preset("olmo3", 5120, 27648, 64, 40, 8, 65536, 100278, **_EPS, **_OLMO3),
+    "OLMo-1B-hf": _preset("olmo", **_OLMO1, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=16, tie_word_embeddings=True),
+    "OLMo-7B-hf": _preset("olmo", **_OLMO1_7B),
+    "OLMo-7B-Twin-2T-hf": _preset("olmo", **_OLMO1_7B),
+    "OLMo-7B-0424-hf": _preset("olmo", **_OLMO1_7B | dict(max_position_embeddings=4096), clip_qkv=8.0),
+    "OLMo-7B-0724-hf": _preset("olmo", **_OLMO1_7B | dict(max_position_embeddings=4096), clip_qkv=8.0),
+    "OLMo-2-0425-1B": _preset("olmo2", **_OLMO2, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=16),
+    "OLMo-2-1124-7B": _preset("olmo2", **_OLMO2, **_7B),
+    "OLMo-2-1124-13B": _preset("olmo2", **_OLMO2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                               num_attention_heads=40),
+    "OLMo-2-0325-32B": _preset("olmo2", **_OLMO2, **_32B),
+    "Olmo-3-1025-7B": _preset("olmo3", **_OLMO3, **_7B),
+    "Olmo-3-1125-32B": _preset("olmo3", **_OLMO3, **_32B),
     # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
-    "OLMoE-1B-7B-0924": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),
-    "OLMoE-1B-7B-0125": _preset("olmoe", 2048, 1024, 16, 16, 16, 4096, 50304),
+    "OLMoE-1B-7B-0924": _preset("olmoe", **_OLMOE),
+    "OLMoE-1B-7B-0125": _preset("olmoe", **_OLMOE),
     # OLMo-2-7B blocks whose MLP is 7 experts (the reference's defaults: 5 per token)
-    "FlexOlmo-7x7B-1T": _preset("flex_olmo", 4096, 11008, 32, 32, 32, 4096, 100352),
+    "FlexOlmo-7x7B-1T": _preset("flex_olmo", **_7B, vocab_size=100352, max_position_embeddings=4096),
     # 24 Gated DeltaNet layers (30 heads, d_k 96, d_v 192) and 8 attention layers without RoPE
-    "Olmo-Hybrid-7B": _preset("olmo_hybrid", 3840, 11008, 32, 30, 30, 65536, 100352, rope_theta=None),
+    "Olmo-Hybrid-7B": _preset("olmo_hybrid", hidden_size=3840, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=30, max_position_embeddings=65536, vocab_size=100352, rope_theta=None),
 }
+
 
 # -----------------------------------------------------------------------------------------------------------
 # Norms. Both compute in float32 and round once at the end, as the reference does.
@@ -262,71 +277,6 @@ def make_norm(config, dim=None):
     if config.model_type == "olmo":
         return LayerNorm()
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_rounds_first)
-
-
-# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and several times slower than
-# float32 ones on the others (AVX2 and plain AVX512 hosts, most laptops: the README gives figures). So on those CPUs a
-# step of many tokens (a prompt) multiplies in float32, converting each weight as it is used; memory and decoding stay
-# bfloat16. The float32 path sums in another order than the bfloat16 kernel, so its logits differ in the last bits.
-# One switch, read here, chooses: OLMO_PROMPT_MATMUL=auto (the CPU decides), bfloat16 (always the model's dtype, the
-# reference's kernels) or float32 (always float32). The tests run both paths on every host.
-def prompt_matmul(choice):
-    """'bfloat16' or 'float32': how a CPU multiplies a bfloat16 step of MANY_ROWS tokens or more."""
-    if choice not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"OLMO_PROMPT_MATMUL must be auto, bfloat16 or float32, got {choice!r}")
-    if choice == "auto":
-        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-        return "bfloat16" if fast else "float32"
-    return choice
-
-
-PROMPT_MATMUL = prompt_matmul(os.environ.get("OLMO_PROMPT_MATMUL", "auto"))
-MANY_ROWS = 32  # tokens per step from which float32 wins on those CPUs (fewer rows: a matrix-vector-like product)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias, multiplied as fast as the CPU allows (on other devices, F.linear). Decoding one token
-    is a matrix-VECTOR product: torch.mv streams a bfloat16 weight 1.2-1.5x faster than the one-row matmul F.linear
-    runs on a CPU, and decode speed is that stream. Not on a GPU: cuBLAS does as well either way, and torch.compile
-    turns torch.mv into slower kernels of its own."""
-
-    def __init__(self, fan_in, fan_out):
-        super().__init__(fan_in, fan_out, bias=False)
-
-    def forward(self, x):
-        if x.device.type == "cpu":
-            if x.numel() == x.shape[-1]:  # a single row
-                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-            if x.dtype == torch.bfloat16 and PROMPT_MATMUL == "float32" and x.numel() >= MANY_ROWS * x.shape[-1] \
-                    and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
-                return matmul_in_float32(x, self.weight)
-        return F.linear(x, self.weight)
-
-
-FLOAT32_BLOCK = 1 << 24  # elements of weight converted at a time: 64 MB, allocated once
-
-
-def matmul_in_float32(x, weight, scales=None):
-    """x @ (weight * scales[:, None]).T with float32 arithmetic, for a bfloat16 (or int8, with scales) weight: a block
-    of its rows at a time is converted into one reused float32 buffer (converting into fresh memory costs more in
-    page faults than the conversion itself: 34 ms against 8 ms for 16M weights). Rounded to x's dtype once."""
-    global _float32_buffer
-    if _float32_buffer is None:
-        _float32_buffer = torch.empty(FLOAT32_BLOCK)
-    x32 = x.reshape(-1, x.shape[-1]).float()
-    out = torch.empty(x32.shape[0], weight.shape[0])
-    rows = max(1, FLOAT32_BLOCK // weight.shape[1])
-    for i in range(0, weight.shape[0], rows):
-        w = weight[i:i + rows]
-        block = _float32_buffer[:w.numel()].view(w.shape)
-        block.copy_(w)
-        out[:, i:i + rows] = x32 @ block.t()
-    if scales is not None:
-        out *= scales.float()
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
-
-
-_float32_buffer = None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -374,25 +324,27 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads. Linear is nn.Linear without bias (with faster CPU paths: see
+    the runtime section)."""
+
     def __init__(self, config):
         super().__init__()
         d, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = H, KV, hd
+        self.n_head, self.n_kv_head, self.head_dim = H, KV, hd  # on this device (tensor parallelism splits them)
         self.q_proj = Linear(d, H * hd)
         self.k_proj = Linear(d, KV * hd)
         self.v_proj = Linear(d, KV * hd)
         self.o_proj = Linear(H * hd, d)
         self.clip_qkv = config.clip_qkv
-        if config.qk_norm:  # over all heads at once, before the split into heads (not per head as in Qwen3)
-            self.q_norm = make_norm(config, H * hd)
-            self.k_norm = make_norm(config, KV * hd)
+        # QK-norm (all but OLMo 1): over all heads at once, before the split into heads (not per head as in Qwen3)
+        self.q_norm = make_norm(config, H * hd) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, KV * hd) if config.qk_norm else nn.Identity()
         self.eager = config.attn_implementation == "eager"
 
     def forward(self, x, cos, sin, mask, kv=None):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*hd), (B, T, KV*hd) x2
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:  # after the QK-norm (OLMoE); OLMo 1 has none
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -416,6 +368,223 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32, like the reference
         return probs @ v  # (B, H, T, hd)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One layer: attention and an MLP, each in a residual branch, with its norm before the branch (OLMo 1, OLMoE)
+    or after it (OLMo 2 and later). kind: "full_attention" or "sliding_attention" (the layer's cos/sin and mask)."""
+
+    def __init__(self, config, kind="full_attention"):
+        super().__init__()
+        self.kind = kind
+        self.self_attn = Attention(config)
+        self.mlp = MoE(config) if config.num_experts else MLP(config)  # OLMoE, FlexOlmo: see Mixture of experts
+        self.norm_after = config.norm_after
+        if config.norm_after:  # OLMo 2/3. Careful: in Llama (and OLMoE) the same name is the norm BEFORE the MLP
+            self.post_attention_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
+        else:  # OLMo 1, OLMoE: classic pre-norm
+            self.input_layernorm = make_norm(config)
+            self.post_attention_layernorm = make_norm(config)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        if self.norm_after:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, kv))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class OlmoModel(nn.Module):
+    """Token embeddings -> blocks -> final norm. Returns the last hidden states (B, T, d)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # _weight: no N(0, 1) init here. OlmoForCausalLM's init or a checkpoint fills it, and normal_ on the meta
+        # device (where loading builds the model) would cost a one-second import of torch._dynamo
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        # Olmo Hybrid's linear_attention layers are Gated DeltaNet blocks (see Gated DeltaNet)
+        self.layers = nn.ModuleList(GatedDeltaNetBlock(config) if kind == "linear_attention" else Block(config, kind)
+                                    for kind in config.layer_types)
+        self.norm = make_norm(config)
+        self.inv_freqs = {}  # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
+
+    def rope(self, yarn, device):
+        """Made in float32 on the CPU, as the reference makes them, and copied to the device once: a copy every
+        step would make the host wait for the GPU, and could not be recorded in a CUDA graph."""
+        if (yarn, device) not in self.inv_freqs:
+            inv_freq, scale = rope_frequencies(self.config, yarn)
+            self.inv_freqs[yarn, device] = inv_freq.to(device), scale
+        return self.inv_freqs[yarn, device]
+
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        """input_ids (B, T). With a cache, these tokens follow the cache.length tokens already in it.
+        attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, as in Hugging Face."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(T)
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}")
+        start = cache.past() if cache is not None else 0  # past, or its device copy in a static cache
+        t = start + torch.arange(T, device=input_ids.device)  # time step of each new token
+        if attention_mask is None:
+            pos = t[None]  # (1, T) positions for RoPE
+        else:  # a left-padded row starts counting positions at its first real token
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        inputs = {}  # (cos, sin, mask) depend only on a layer's kind: made once per kind
+        for layer, state in zip(self.layers, states):
+            if layer.kind not in inputs:
+                inputs[layer.kind] = self.layer_inputs(layer.kind, state, t, pos, attention_mask)
+        x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
+        for layer, state in zip(self.layers, states):
+            x = layer(x, *inputs[layer.kind], state)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def layer_inputs(self, kind, state, t, pos, attention_mask):
+        """RoPE's cos and sin, and the mask, for the layers of one kind in a step of the time steps t."""
+        if kind == "linear_attention":  # Gated DeltaNet: no positions; the padding of these tokens is zeroed
+            return None, None, None if attention_mask is None else attention_mask[:, -len(t):]
+        window = self.config.sliding_window if kind == "sliding_attention" else None
+        key_t = state.key_times(len(t)) if state is not None else t
+        mask = make_mask(t, key_t, window, attention_mask)
+        if self.config.rope_theta is None:  # NoPE: attention without positions (Olmo Hybrid)
+            return None, None, mask
+        yarn = kind == "full_attention" and self.config.rope_scaling is not None  # YaRN on full layers only
+        cos, sin = rope_cos_sin(*self.rope(yarn, pos.device), pos)
+        if self.config.rope_in_model_dtype:  # OLMoE
+            cos, sin = cos.to(self.embed_tokens.weight.dtype), sin.to(self.embed_tokens.weight.dtype)
+        return cos, sin, mask
+
+
+def make_mask(t, key_t, window, attention_mask):
+    """(B|1, 1, T, S) bool, True where the query at time t[i] may see the key at time key_t[j]:
+    causal, within the sliding window, and not padding. Empty cache slots have key_t = -1."""
+    ok = (key_t[None, :] <= t[:, None]) & (key_t[None, :] >= 0)  # (T, S)
+    if window is not None:  # the window counts the query itself: window keys in all
+        ok = ok & (t[:, None] - key_t[None, :] < window)
+    ok = ok[None]  # (1, T, S)
+    if attention_mask is not None:
+        ok = ok & attention_mask.bool()[:, key_t.clamp(min=0)][:, None, :]  # (B, T, S)
+        ok = ok | (key_t[None, None, :] == t[None, :, None])  # a padding query sees itself: no empty softmax
+    return ok[:, None]
+
+
+class OlmoForCausalLM(nn.Module):
+    """OlmoModel + lm_head: returns logits (B, T, vocab_size), and the mean cross-entropy loss when targets
+    (the next token at each position, -100 = ignore) are given."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = OlmoModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.kv_heads = config.num_key_value_heads  # KV heads on this device (tensor_parallel divides them)
+        if config.tie_word_embeddings:  # OLMo-1B: the output layer is the embedding matrix
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":  # built on the meta device, a checkpoint fills every weight
+            self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # the reference's init (for training from scratch; loading overwrites it)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids, targets=None, cache=None, attention_mask=None, last_only=False):
+        x = self.model(input_ids, cache, attention_mask)
+        if last_only:  # generation needs only the next-token logits: skip the big vocab matmul elsewhere
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if self.config.num_experts and self.config.output_router_logits:  # training a mixture of experts
+                router_logits = [layer.mlp.router_logits for layer in self.model.layers]
+                mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+                aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok, mask)
+                loss = loss + self.config.router_aux_loss_coef * aux
+        return logits, loss
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, self.kv_heads, device or p.device, dtype or p.dtype, static)
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
+        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantize=quantize)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Mixture of experts (OLMoE, FlexOlmo): many MLPs per layer, a router sends each token to a few of them
+
+
+class MoE(nn.Module):
+    """The router (gate) scores every expert for each token; the token goes through its k best experts, whose
+    outputs are summed, weighted by the router's probabilities. Only the chosen experts' weights are read: OLMoE
+    decodes with 8 of its 64 experts per layer, so it computes like a 1B model and knows like a 7B one."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = Linear(config.hidden_size, config.num_experts)  # the router: one logit per expert
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.router_logits = None  # (tokens, E) of the last call: for the load-balancing loss, and to look at
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d): tokens are routed one by one
+        self.router_logits = self.gate(x)  # (N, E)
+        probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)  # float32 and torch.topk, as the
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # reference: bfloat16 ties must break its way
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)  # (N, k)
+        out = x.new_zeros(x.shape[0], self.top_k, d)  # (N, k, d): each token's k weighted expert outputs
+        for e in chosen.unique().tolist():  # each expert that some token chose, once, on all its tokens
+            token, slot = torch.where(chosen == e)
+            out[token, slot] = self.experts[e](x[token]) * weights[token, slot, None]
+        return out.sum(1).view(B, T, d)  # summed in float32 and rounded once, as the reference does
+
+
+def load_balancing_loss(router_logits, top_k, mask=None):
+    """The auxiliary loss that keeps a mixture's experts evenly used (Switch Transformer), as the reference
+    computes it: E * sum_e f_e P_e over all layers, f_e the share of tokens that chose expert e (among their k),
+    P_e the mean router probability of e. It equals k when routing is even. mask (B, T): 0 for padding."""
+    E, counts, probs_sum, rows = router_logits[0].shape[-1], 0, 0, 0
+    w = mask.reshape(-1, 1).float() if mask is not None else router_logits[0].new_ones(len(router_logits[0]), 1).float()
+    for logits in router_logits:
+        probs = F.softmax(logits, dim=-1)  # in the logits' dtype (the router itself uses float32: same in f32)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(1)  # (N, E), 0/1
+        counts = counts + (chosen * w).sum(0)
+        probs_sum = probs_sum + (probs.float() * w).sum(0)
+        rows = rows + w.sum()
+    return E * ((counts / rows) * (probs_sum / rows)).sum()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -534,266 +703,90 @@ def delta_rule_chunked(q, k, v, g, beta, S, C=64):
     return torch.stack(out, 2).reshape(B, H, n * C, -1)[:, :, :T], S
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class GatedDeltaNetBlock(nn.Module):
+    """An Olmo Hybrid layer of kind "linear_attention": Gated DeltaNet and an MLP, pre-norm, under the
+    reference's names for its norms. The model hands it a mask of padding only (no positions: no RoPE)."""
 
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Mixture of experts (OLMoE, FlexOlmo): many MLPs per layer, a router sends each token to a few of them
-
-
-class MoE(nn.Module):
-    """The router (gate) scores every expert for each token; the token goes through its k best experts, whose
-    outputs are summed, weighted by the router's probabilities. Only the chosen experts' weights are read: OLMoE
-    decodes with 8 of its 64 experts per layer, so it computes like a 1B model and knows like a 7B one."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts)  # the router: one logit per expert
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
-        self.router_logits = None  # (tokens, E) of the last call: for the load-balancing loss, and to look at
-
-    def forward(self, x):
-        B, T, d = x.shape
-        x = x.reshape(-1, d)  # (N, d): tokens are routed one by one
-        self.router_logits = self.gate(x)  # (N, E)
-        probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)  # float32 and torch.topk, as the
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # reference: bfloat16 ties must break its way
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)  # (N, k)
-        out = x.new_zeros(x.shape[0], self.top_k, d)  # (N, k, d): each token's k weighted expert outputs
-        for e in chosen.unique().tolist():  # each expert that some token chose, once, on all its tokens
-            token, slot = torch.where(chosen == e)
-            out[token, slot] = self.experts[e](x[token]) * weights[token, slot, None]
-        return out.sum(1).view(B, T, d)  # summed in float32 and rounded once, as the reference does
-
-
-def load_balancing_loss(router_logits, top_k, mask=None):
-    """The auxiliary loss that keeps a mixture's experts evenly used (Switch Transformer), as the reference
-    computes it: E * sum_e f_e P_e over all layers, f_e the share of tokens that chose expert e (among their k),
-    P_e the mean router probability of e. It equals k when routing is even. mask (B, T): 0 for padding."""
-    E, counts, probs_sum, rows = router_logits[0].shape[-1], 0, 0, 0
-    w = mask.reshape(-1, 1).float() if mask is not None else router_logits[0].new_ones(len(router_logits[0]), 1).float()
-    for logits in router_logits:
-        probs = F.softmax(logits, dim=-1)  # in the logits' dtype (the router itself uses float32: same in f32)
-        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(1)  # (N, E), 0/1
-        counts = counts + (chosen * w).sum(0)
-        probs_sum = probs_sum + (probs.float() * w).sum(0)
-        rows = rows + w.sum()
-    return E * ((counts / rows) * (probs_sum / rows)).sum()
-
-
-class Block(nn.Module):
-    """One layer: a token mixer (attention, or Gated DeltaNet) and an MLP (or a mixture of experts), each in a
-    residual branch, with its norm before the branch (OLMo 1, OLMoE) or after it (OLMo 2 and later)."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.kind = config.layer_types[layer_idx]  # "full_attention", "sliding_attention" or "linear_attention"
-        self.mlp = MoE(config) if config.num_experts else MLP(config)
-        self.norm_after = config.norm_after
-        if self.kind == "linear_attention":  # Olmo Hybrid: Gated DeltaNet, pre-norm, with norms of its own names
-            self.linear_attn = GatedDeltaNet(config)
-            self.attention_layer_norm, self.feedforward_layer_norm = make_norm(config), make_norm(config)
-            return
-        self.self_attn = Attention(config)
-        if config.norm_after:  # OLMo 2/3. Careful: in Llama (and OLMoE) the same name is the norm BEFORE the MLP
-            self.post_attention_layernorm = make_norm(config)
-            self.post_feedforward_layernorm = make_norm(config)
-        else:  # OLMo 1, OLMoE: classic pre-norm
-            self.input_layernorm = make_norm(config)
-            self.post_attention_layernorm = make_norm(config)
+        self.kind = "linear_attention"
+        self.linear_attn = GatedDeltaNet(config)
+        self.mlp = MLP(config)
+        self.attention_layer_norm, self.feedforward_layer_norm = make_norm(config), make_norm(config)
 
     def forward(self, x, cos, sin, mask, state=None):
-        if hasattr(self, "linear_attn"):  # (not self.kind: a compiled block would guard on the string, one graph per kind)
-            x = x + self.linear_attn(self.attention_layer_norm(x), mask, state)
-            return x + self.mlp(self.feedforward_layer_norm(x))
-        if self.norm_after:
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, state))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, state)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.linear_attn(self.attention_layer_norm(x), mask, state)
+        return x + self.mlp(self.feedforward_layer_norm(x))
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The model
+# Runtime: how fast the model computes, not what. Fast CPU matrix products, the KV cache, torch.compile, CUDA graphs
+#
+# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and several times slower than
+# float32 ones on the others (AVX2 and plain AVX512 hosts, most laptops: the README gives figures). So on those CPUs a
+# step of many tokens (a prompt) multiplies in float32, converting each weight as it is used; memory and decoding stay
+# bfloat16. The float32 path sums in another order than the bfloat16 kernel, so its logits differ in the last bits.
+# One switch, read here, chooses: OLMO_PROMPT_MATMUL=auto (the CPU decides), bfloat16 (always the model's dtype, the
+# reference's kernels) or float32 (always float32). The tests run both paths on every host.
 
 
-class OlmoModel(nn.Module):
-    """Token embeddings -> blocks -> final norm. Returns the last hidden states (B, T, d)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        # _weight: no N(0, 1) init here. OlmoForCausalLM's init or a checkpoint fills it, and normal_ on the meta
-        # device (where loading builds the model) would cost a one-second import of torch._dynamo
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = make_norm(config)
-        self.inv_freqs = {}  # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
-
-    def rope(self, yarn, device):
-        """Made in float32 on the CPU, as the reference makes them, and copied to the device once: a copy every
-        step would make the host wait for the GPU, and could not be recorded in a CUDA graph."""
-        if (yarn, device) not in self.inv_freqs:
-            inv_freq, scale = rope_frequencies(self.config, yarn)
-            self.inv_freqs[yarn, device] = inv_freq.to(device), scale
-        return self.inv_freqs[yarn, device]
-
-    def forward(self, input_ids, cache=None, attention_mask=None):
-        """input_ids (B, T). With a cache, these tokens follow the cache.length tokens already in it.
-        attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, as in Hugging Face."""
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.check_room(T)
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise ValueError(f"attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}")
-        start = cache.past() if cache is not None else 0  # past, or its device copy in a static cache
-        t = start + torch.arange(T, device=input_ids.device)  # time step of each new token
-        if attention_mask is None:
-            pos = t[None]  # (1, T) positions for RoPE
-        else:  # a left-padded row starts counting positions at its first real token
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        states = cache.layers if cache is not None else [None] * len(self.layers)
-        inputs = {}  # (cos, sin, mask) depend only on a layer's kind: made once per kind
-        for layer, state in zip(self.layers, states):
-            if layer.kind not in inputs:
-                inputs[layer.kind] = self.layer_inputs(layer.kind, state, t, pos, attention_mask)
-        x = self.embed_tokens(input_ids)  # (B, T, d): no scaling, no learned positions
-        for layer, state in zip(self.layers, states):
-            x = layer(x, *inputs[layer.kind], state)
-        if cache is not None:
-            cache.advance(T)
-        return self.norm(x)
-
-    def layer_inputs(self, kind, state, t, pos, attention_mask):
-        """RoPE's cos and sin, and the mask, for the layers of one kind in a step of the time steps t."""
-        if kind == "linear_attention":  # Gated DeltaNet: no positions; the padding of these tokens is zeroed
-            return None, None, None if attention_mask is None else attention_mask[:, -len(t):]
-        window = self.config.sliding_window if kind == "sliding_attention" else None
-        key_t = state.key_times(len(t)) if state is not None else t
-        mask = make_mask(t, key_t, window, attention_mask)
-        if self.config.rope_theta is None:  # NoPE: attention without positions (Olmo Hybrid)
-            return None, None, mask
-        yarn = kind == "full_attention" and self.config.rope_scaling is not None  # YaRN on full layers only
-        cos, sin = rope_cos_sin(*self.rope(yarn, pos.device), pos)
-        if self.config.rope_in_model_dtype:  # OLMoE
-            cos, sin = cos.to(self.embed_tokens.weight.dtype), sin.to(self.embed_tokens.weight.dtype)
-        return cos, sin, mask
+def prompt_matmul(choice):
+    """'bfloat16' or 'float32': how a CPU multiplies a bfloat16 step of MANY_ROWS tokens or more."""
+    if choice not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"OLMO_PROMPT_MATMUL must be auto, bfloat16 or float32, got {choice!r}")
+    if choice == "auto":
+        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bfloat16" if fast else "float32"
+    return choice
 
 
-def make_mask(t, key_t, window, attention_mask):
-    """(B|1, 1, T, S) bool, True where the query at time t[i] may see the key at time key_t[j]:
-    causal, within the sliding window, and not padding. Empty cache slots have key_t = -1."""
-    ok = (key_t[None, :] <= t[:, None]) & (key_t[None, :] >= 0)  # (T, S)
-    if window is not None:  # the window counts the query itself: window keys in all
-        ok = ok & (t[:, None] - key_t[None, :] < window)
-    ok = ok[None]  # (1, T, S)
-    if attention_mask is not None:
-        ok = ok & attention_mask.bool()[:, key_t.clamp(min=0)][:, None, :]  # (B, T, S)
-        ok = ok | (key_t[None, None, :] == t[None, :, None])  # a padding query sees itself: no empty softmax
-    return ok[:, None]
+PROMPT_MATMUL = prompt_matmul(os.environ.get("OLMO_PROMPT_MATMUL", "auto"))
+MANY_ROWS = 32  # tokens per step from which float32 wins on those CPUs (fewer rows: a matrix-vector-like product)
 
 
-class OlmoForCausalLM(nn.Module):
-    """OlmoModel + lm_head: returns logits (B, T, vocab_size), and the mean cross-entropy loss when targets
-    (the next token at each position, -100 = ignore) are given."""
+class Linear(nn.Linear):
+    """nn.Linear without bias, multiplied as fast as the CPU allows (on other devices, F.linear). Decoding one token
+    is a matrix-VECTOR product: on a CPU torch.mv streams a bfloat16 weight faster than the one-row matmul F.linear
+    runs (README, Speed), and decode speed is that stream. Not on a GPU: cuBLAS does as well either way, and torch.compile
+    turns torch.mv into slower kernels of its own."""
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = OlmoModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:  # OLMo-1B: the output layer is the embedding matrix
-            self.lm_head.weight = self.model.embed_tokens.weight
-        if self.lm_head.weight.device.type != "meta":  # built on the meta device, a checkpoint fills every weight
-            self.apply(self._init_weights)
+    def __init__(self, fan_in, fan_out):
+        super().__init__(fan_in, fan_out, bias=False)
 
-    @staticmethod
-    def _init_weights(m):  # the reference's init (for training from scratch; loading overwrites it)
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-
-    def forward(self, input_ids, targets=None, cache=None, attention_mask=None, last_only=False):
-        x = self.model(input_ids, cache, attention_mask)
-        if last_only:  # generation needs only the next-token logits: skip the big vocab matmul elsewhere
-            x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            if self.config.num_experts and self.config.output_router_logits:  # training a mixture of experts
-                router_logits = [layer.mlp.router_logits for layer in self.model.layers]
-                mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
-                aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok, mask)
-                loss = loss + self.config.router_aux_loss_coef * aux
-        return logits, loss
-
-    def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
-        p = self.model.embed_tokens.weight
-        attn = next(layer.self_attn for layer in self.model.layers if hasattr(layer, "self_attn"))
-        kv_heads = attn.n_kv_head  # fewer than the config's under tensor parallelism
-        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
-
-    @classmethod
-    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
-        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantization=quantize)
+    def forward(self, x):
+        if x.device.type == "cpu":
+            if x.numel() == x.shape[-1]:  # a single row
+                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+            if x.dtype == torch.bfloat16 and PROMPT_MATMUL == "float32" and x.numel() >= MANY_ROWS * x.shape[-1] \
+                    and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
+                return matmul_in_float32(x, self.weight)
+        return F.linear(x, self.weight)
 
 
-def compile_blocks(model):
-    """torch.compile every block: fuses the norms, RoPE and element-wise work of a step into few kernels (the
-    launch overhead that dominates small-batch decoding on a GPU). All blocks share one graph, because a block
-    gets its own LayerKV rather than a layer index. The model-level code (cache slots, masks) stays eager:
-    Inductor fails on its dynamic ring-slot arithmetic. On a 2-core CPU it does not speed up decoding (OLMo-2
-    1B bf16, steps interleaved with eager ones: 65-67% vs 65-75% of the read bandwidth): a step is the weight
-    stream, and Inductor's generated matrix-vector loops stream it no faster than torch.mv."""
-    for layer in model.model.layers:
-        layer.compile(dynamic=True)  # dynamic: the cache grows every step; one graph instead of one per length
-    return model
+FLOAT32_BLOCK = 1 << 24  # elements of weight converted at a time: 64 MB, allocated once
 
 
-def cuda_graph_decoder(model, cache):
-    """A function for decode steps, token ids (B, 1) -> next-token logits (B, 1, vocab), that records the step
-    as a CUDA graph on its third call and from then on replays it. At small batch a GPU decode step is hundreds
-    of small kernels whose launches take longer than their work; a replay launches them all at once. The first
-    two calls run normally: they compile (after compile_blocks) and set up cuBLAS, which recording cannot do.
-    A replay returns the same tensor every time, overwritten by the next step."""
-    if not cache.static:
-        raise ValueError("a CUDA graph replays fixed shapes: make the cache with new_cache(..., static=True)")
-    if model.config.num_experts:
-        raise ValueError("a mixture of experts picks its experts on the host every step: it cannot be replayed "
-                         "from a CUDA graph")
-    graph, calls, token_in, logits_out = torch.cuda.CUDAGraph(), 0, None, None
+def matmul_in_float32(x, weight, scales=None):
+    """x @ (weight * scales[:, None]).T with float32 arithmetic, for a bfloat16 (or int8, with scales) weight: a block
+    of its rows at a time is converted into one reused float32 buffer (converting into fresh memory costs more in
+    page faults than the conversion itself). Rounded to x's dtype once."""
+    global _float32_buffer
+    if _float32_buffer is None:
+        _float32_buffer = torch.empty(FLOAT32_BLOCK)
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(x32.shape[0], weight.shape[0])
+    rows = max(1, FLOAT32_BLOCK // weight.shape[1])
+    for i in range(0, weight.shape[0], rows):
+        w = weight[i:i + rows]
+        block = _float32_buffer[:w.numel()].view(w.shape)
+        block.copy_(w)
+        out[:, i:i + rows] = x32 @ block.t()
+    if scales is not None:
+        out *= scales.float()
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
 
-    def step(token):
-        nonlocal calls, token_in, logits_out
-        calls += 1
-        if calls < 3:
-            return model(token, cache=cache, last_only=True)[0]
-        if token_in is None:  # record: forward's Python runs (so the host-side length advances), its kernels wait
-            token_in = token.clone()
-            with torch.cuda.graph(graph):
-                logits_out = model(token_in, cache=cache, last_only=True)[0]
-        else:  # forward's host-side part of the step; the replay advances the device copy
-            cache.check_room(1)
-            cache.length += 1
-        token_in.copy_(token)
-        graph.replay()
-        return logits_out
-    return step
+
+_float32_buffer = None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -901,6 +894,55 @@ class GDNState:
                              device=device, dtype=torch.float32)
 
 
+def compile_blocks(model):
+    """torch.compile every block: fuses the norms, RoPE and element-wise work of a step into few kernels (the
+    launch overhead that dominates small-batch decoding on a GPU). All blocks share one graph, because a block
+    gets its own LayerKV rather than a layer index. The model-level code (cache slots, masks) stays eager:
+    Inductor fails on its dynamic ring-slot arithmetic. On a CPU it does not speed up decoding: a step is the
+    weight stream, and Inductor's generated matrix-vector loops stream it no faster than torch.mv."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)  # dynamic: the cache grows every step; one graph instead of one per length
+    return model
+
+
+def can_replay_graph(model):
+    """Whether decode steps can be replayed from a CUDA graph (cuda_graph_decoder): on a GPU, in one process (not
+    tried under tensor parallelism), and not a mixture of experts, which picks its experts on the host every step."""
+    return model.lm_head.weight.device.type == "cuda" and not torch.distributed.is_initialized() \
+        and not model.config.num_experts
+
+
+def cuda_graph_decoder(model, cache):
+    """A function for decode steps, token ids (B, 1) -> next-token logits (B, 1, vocab), that records the step
+    as a CUDA graph on its third call and from then on replays it. At small batch a GPU decode step is hundreds
+    of small kernels whose launches take longer than their work; a replay launches them all at once. The first
+    two calls run normally: they compile (after compile_blocks) and set up cuBLAS, which recording cannot do.
+    A replay returns the same tensor every time, overwritten by the next step."""
+    if not cache.static:
+        raise ValueError("a CUDA graph replays fixed shapes: make the cache with new_cache(..., static=True)")
+    if model.config.num_experts:
+        raise ValueError("a mixture of experts picks its experts on the host every step: it cannot be replayed "
+                         "from a CUDA graph")
+    graph, calls, token_in, logits_out = torch.cuda.CUDAGraph(), 0, None, None
+
+    def step(token):
+        nonlocal calls, token_in, logits_out
+        calls += 1
+        if calls < 3:
+            return model(token, cache=cache, last_only=True)[0]
+        if token_in is None:  # record: forward's Python runs (so the host-side length advances), its kernels wait
+            token_in = token.clone()
+            with torch.cuda.graph(graph):
+                logits_out = model(token_in, cache=cache, last_only=True)[0]
+        else:  # forward's host-side part of the step; the replay advances the device copy
+            cache.check_room(1)
+            cache.length += 1
+        token_in.copy_(token)
+        graph.replay()
+        return logits_out
+    return step
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Loading checkpoints
 
@@ -916,8 +958,8 @@ def read_safetensors(path, convert=None, mapped=False):
     mapped: tensors are not read but mapped, each a read-only view of the file (writing to one crashes the
     process; a private writable mapping would be charged to memory, and one larger than the machine's is refused),
     whose pages come from the page cache when first touched. That costs no time and no memory of its own, but
-    decoding from such pages is slower than from memory that was read (OLMo-2 1B bf16, whole sample.py processes,
-    medians of 4: 4.9 vs 5.2 tok/s), so only weights that are converted right away (quantized) are mapped.
+    decoding from such pages was measured slower than from memory that was read (README), so only weights that are
+    converted right away (quantized) are mapped.
     Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
     path = Path(path)
     size = path.stat().st_size
@@ -959,14 +1001,14 @@ def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert):
     """One tensor from an open file, converted; the buffer read is freed on return (when convert copied it),
     before the next tensor is read."""
     raw = torch.empty(nbytes, dtype=torch.uint8)
-    # several threads reading 16 MiB pieces are ~3x faster than one (page faults and copies overlap)
+    # several threads reading 16 MiB pieces at once: one thread's page faults and copies overlap another's reads
     pieces = [(raw[i:i + (16 << 20)].numpy(), offset + i) for i in range(0, nbytes, 16 << 20)]
     list(pool.map(lambda p: os.preadv(f.fileno(), [p[0]], p[1]), pieces))
     t = raw.view(file_dtype).view(shape)
     return convert(name, t) if convert else t
 
 
-def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=None):
+def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
     """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B').
 
     A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
@@ -975,32 +1017,20 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantization=
     The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
     the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
     split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight.
-    quantization "int8" or "int4" (see quantize): the checkpoint is mapped as stored, its linear layers quantized
-    one at a time, and the other weights converted to dtype in their own memory, which releases the file: the peak
-    is about the quantized model plus one layer's weight (OLMo-2 13B loads in int8 on a 24 GB machine)."""
-    if quantization is None:
+    quantize "int8" or "int4": the linear layers' weights in 8 or 4 bits (read_quantized)."""
+    if quantize is None:
         model = read_model(name_or_folder, device, dtype, mesh)
     else:
-        if mesh is not None:
-            raise ValueError("quantization is not combined with tensor parallelism")
-        if quantization == "int4" and device is not None and torch.device(device).type != "cpu":
-            raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
-        model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
-        dtype = dtype or model.model.embed_tokens.weight.dtype
-        quantize(model, quantization, dtype)
-        for name, p in model.named_parameters():
-            if p.is_floating_point():  # in memory of its own: the file's mapping is released
-                p.data = p.data.to(stored_dtype(name, dtype), copy=True)
-        model = model.to(device or "cpu")
+        model = read_quantized(name_or_folder, quantize, device, dtype, mesh)
     release_freed_memory()
     return model
 
 
 def release_freed_memory():
     """Hand the memory that loading freed back to the system. glibc's allocator keeps freed heap pages for reuse,
-    and loading frees many pieces (float32 blocks being quantized, tensors being converted): after an int8 load of
-    OLMo-2 13B the process held 16.4 GB for 14.2 GB of weights, 14.1 GB once trimmed. Where the C library has no
-    malloc_trim (macOS, Windows, musl) there is nothing to call."""
+    and loading frees many pieces (float32 blocks being quantized, tensors being converted), which it would
+    otherwise keep resident (README: Quantization). Where the C library has no malloc_trim (macOS, Windows, musl)
+    there is nothing to call."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
@@ -1230,8 +1260,8 @@ def hybrid_as_saved(state, expected):
 
 # -----------------------------------------------------------------------------------------------------------
 # Weight-only quantization. Decoding reads every weight once per token, so fewer bytes per weight decode faster
-# wherever memory bandwidth is the limit, and a model fits in less memory (OLMo-2 13B: 27 GB in bfloat16, 14 GB
-# in int8). Activations, norms and the embedding table stay as they are: the embedding is read one row per token,
+# wherever memory bandwidth is the limit, and a model fits in less memory (half of bfloat16's in int8, a
+# quarter in int4). Activations, norms and the embedding table stay as they are: the embedding is read one row per token,
 # so quantizing it would save memory but no time.
 
 QUANTIZATIONS = {"int8": 8, "int4": 4}
@@ -1271,7 +1301,7 @@ class QuantizedLinear(nn.Module):
 
 def quantize_int8(w, dtype, rows=256):
     """A float weight (out, in) -> int8 q and scales (out,) in dtype, a few rows at a time (the float32 temporaries
-    stay in the cache: 3.5x faster than whole matrices). q is rounded against the scale as stored, so s q is the
+    stay in the cache instead of streaming whole matrices through memory). q is rounded against the scale as stored, so s q is the
     nearest level (and the clamp catches a scale that rounding made smaller)."""
     q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.empty(w.shape[0], dtype=dtype, device=w.device)
     for i in range(0, w.shape[0], rows):
@@ -1299,6 +1329,23 @@ def quantize_int4(w, dtype, rows=256):
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     return packed, torch.stack([s, lo + 8 * s], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+def read_quantized(name_or_folder, mode, device=None, dtype=None, mesh=None):
+    """load_model's quantized reading: the checkpoint is mapped as stored, its linear layers quantized one at a time,
+    and the other weights converted to dtype in their own memory, which releases the file: the peak is about the
+    quantized model plus one layer's weight, so a model can load quantized on a machine that cannot hold it unquantized."""
+    if mesh is not None:
+        raise ValueError("quantization is not combined with tensor parallelism")
+    if mode == "int4" and device is not None and torch.device(device).type != "cpu":
+        raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
+    model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    quantize(model, mode, dtype)
+    for name, p in model.named_parameters():
+        if p.is_floating_point():  # in memory of its own: the file's mapping is released
+            p.data = p.data.to(stored_dtype(name, dtype), copy=True)
+    return model.to(device or "cpu")
 
 
 def quantize(model, mode, dtype=None):
@@ -1368,10 +1415,11 @@ def tensor_parallel(model, mesh):
     if not c.tie_word_embeddings:  # a tied head is the embedding, which stays whole
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(model, mesh, plan)
+    model.kv_heads //= n
     for layer in model.model.layers:
         attn = layer.self_attn
         attn.n_head, attn.n_kv_head = attn.n_head // n, attn.n_kv_head // n  # heads on this rank
-        if hasattr(attn, "q_norm"):
+        if isinstance(attn.q_norm, RMSNorm):
             attn.q_norm, attn.k_norm = ShardedRMSNorm(attn.q_norm, mesh), ShardedRMSNorm(attn.k_norm, mesh)
     return model
 

@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="a conversation's length limit in tokens (at most the model's context), which sizes its cache")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
-                        "(no gain on a small CPU; compiling takes a minute)")
+                        "(no gain on a CPU, where compiling takes a while)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -127,7 +127,7 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
     return logits.softmax(-1)
 
 
-def decoder(model, cache):
+def decode_step(model, cache):
     """A decode step, token ids (B, 1) -> next-token logits (B, 1, vocab), keys from the cache; with a static
     cache, replayed from a CUDA graph (olmo.cuda_graph_decoder)."""
     if cache.static:
@@ -145,7 +145,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     ids = torch.tensor([prompt_ids], device=device)
     if cache is None:
         cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
-    decode = decoder(model, cache)
+    step = decode_step(model, cache)
     logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
     for _ in range(max_new_tokens):
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
@@ -153,7 +153,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         yield token
         if token in stop_ids:
             return
-        logits = decode(next_id)
+        logits = step(next_id)
 
 
 def weights_read_per_token(model):
@@ -196,7 +196,7 @@ def render_chat(template, specials, messages):
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, **specials)
 
 
-def stop_ids(folder, config, tokenizer, chat):
+def stop_tokens(folder, config, tokenizer, chat):
     """End-of-text ids from the tokenizer, config.json and generation_config.json; with --chat, the
     template's end-of-turn token too (ChatML's <|im_end|>; Tulu ends a turn with <|endoftext|>)."""
     ids = {tokenizer.eos_token_id, config.eos_token_id}
@@ -237,13 +237,15 @@ def main(argv=None):
         return 1
     if args.chat and not template:
         parser.error(f"--chat: the checkpoint in {folder} has no chat template")
-    stops = stop_ids(folder, model.config, tokenizer, args.chat)
+    stops = stop_tokens(folder, model.config, tokenizer, args.chat)
     generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
     quantized = f", {args.quantize} weights" if args.quantize else ""
     print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{quantized}, {args.device}) in {load_s:.1f}s",
           file=sys.stderr)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.conversation:
-        return converse(model, tokenizer, template, specials, args, stops, generator)
+        return converse(model, tokenizer, template, specials, args.system, args.max_context, args.max_new_tokens,
+                        sampling, stops, generator)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     text = render_chat(template, specials, system + [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt_ids = tokenizer.encode(text)
@@ -259,48 +261,50 @@ def main(argv=None):
         if i:
             print("\n" + "-" * 40)
         echo = "" if args.chat else args.prompt  # echo the prompt, then stream the continuation after it
-        if stream(model, tokenizer, prompt_ids, args, stops, generator, echo=echo)[1]:
+        # --compile on a GPU: decode steps replayed from a CUDA graph where the model allows it
+        if stream(model, tokenizer, prompt_ids, args.max_new_tokens, sampling, stops, generator, echo=echo,
+                  cuda_graph=args.compile and olmo.can_replay_graph(model))[1]:
             return 130
     return 0
 
 
-def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max_new_tokens=None, echo=""):
-    """Print echo and then the tokens as they come, then a statistics line on stderr; returns (the new tokens,
-    interrupted). A UTF-8 character can span tokens: the incremental decoder holds its first bytes back until the
-    rest arrives, so no broken character is ever printed. cache: a conversation's, holding its earlier turns.
-    Ctrl-C from the echo on stops the reply and still gives the statistics line."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    # --compile on a GPU: decode steps replayed from a CUDA graph (not under tensor parallelism: not tried there;
-    # not for a mixture of experts, whose routing picks experts on the host; not in a conversation)
-    graph = args.compile and args.device.type == "cuda" and not torch.distributed.is_initialized() \
-        and not model.config.num_experts and cache is None
-    tokens, sync = [], torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), generator=None, cache=None, echo="",
+           cuda_graph=False):
+    """Print echo and then up to max_new_tokens tokens as they come, then a statistics line on stderr; returns (the
+    new tokens, interrupted). sampling: generate's temperature, top_k and top_p. A UTF-8 character can span tokens:
+    the incremental decoder holds its first bytes back until the rest arrives, so no broken character is ever
+    printed. cache: a conversation's, holding its earlier turns. Ctrl-C from the echo on stops the reply and still
+    gives the statistics line."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    device = model.lm_head.weight.device
+    tokens, sync = [], torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     t1, interrupted = t0, False
     try:
         print(echo, end="", flush=True)
-        for token in generate(model, prompt_ids, max_new_tokens or args.max_new_tokens, args.temperature, args.top_k,
-                              args.top_p, stops, generator, graph, cache):
+        for token in generate(model, prompt_ids, max_new_tokens, **sampling, stop_ids=stops, generator=generator,
+                              cuda_graph=cuda_graph, cache=cache):
             if not tokens:
                 t1 = time.perf_counter()  # the prompt is processed and the first token sampled
             tokens.append(token)
             if token not in stops:
-                print(decoder.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+                print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
     except KeyboardInterrupt:
         interrupted = True
-    print(decoder.decode(b"", final=True), flush=True)
+    print(utf8.decode(b"", final=True), flush=True)
     t2, n = time.perf_counter(), len(tokens)
-    prefill = len(prompt_ids) / (t1 - t0) if n else 0.0
-    decode = (n - 1) / (t2 - t1) if n > 1 else 0.0
-    if args.device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB GPU"
+    prefill_rate = len(prompt_ids) / (t1 - t0) if n else 0.0
+    decode_rate = (n - 1) / (t2 - t1) if n > 1 else 0.0
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB GPU"
     else:
         per_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * per_unit / 1e9:.2f} GB RSS"
     weights = sum(p.nbytes for p in weights_read_per_token(model))
-    print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill:.1f} tok/s, "
-          f"decode {n} tokens at {decode:.1f} tok/s ({decode * weights / 1e9:.1f} GB/s of weights), peak {peak}",
+    print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill_rate:.1f} "
+          f"tok/s, decode {n} tokens at {decode_rate:.1f} tok/s ({decode_rate * weights / 1e9:.1f} GB/s of weights), "
+          f"peak {peak}",
           file=sys.stderr)
     return tokens, interrupted
 
@@ -310,13 +314,15 @@ def stream(model, tokenizer, prompt_ids, args, stops, generator, cache=None, max
 HELP = "/reset starts a new conversation, /system TEXT sets the system message, /quit (or Ctrl-D) ends; Ctrl-C stops a reply"
 
 
-def converse(model, tokenizer, template, specials, args, stops, generator, keep_cache=True):
+def converse(model, tokenizer, template, specials, system, max_context, max_new_tokens, sampling, stops=(),
+             generator=None, keep_cache=True):
     """A conversation: each message read from stdin (one per line; a terminal gets line editing and history from
     readline) is added to the history, the whole history is rendered with the chat template as transformers
     renders it, and the reply streams. The KV cache outlives the turns: a turn feeds only the tokens that follow
     the longest prefix it shares with what the cache holds (the template may render earlier turns differently,
     e.g. drop a Think model's reasoning: the cache is rewound to where they part). keep_cache=False recomputes
-    every turn from scratch (tests compare the two)."""
+    every turn from scratch (tests compare the two). system: the first system message; max_context: the
+    conversation's length limit in tokens; max_new_tokens, sampling: each reply's, as stream() takes them."""
     terminal = sys.stdin.isatty()
     if terminal:
         try:
@@ -324,8 +330,8 @@ def converse(model, tokenizer, template, specials, args, stops, generator, keep_
         except ImportError:
             pass
         print(HELP, file=sys.stderr)
-    max_len = min(args.max_context, model.config.max_position_embeddings)
-    system, messages = args.system, []
+    max_len = min(max_context, model.config.max_position_embeddings)
+    messages = []
     cache, cached = None, []  # the KV cache and the token ids whose keys and values it holds
     while True:
         try:
@@ -361,8 +367,8 @@ def converse(model, tokenizer, template, specials, args, stops, generator, keep_
         if cache is None or not keep_cache or not cache.rewind(keep):
             cache, keep = model.new_cache(1, max_len), 0
         room = max_len - len(ids)
-        reply, interrupted = stream(model, tokenizer, ids[keep:], args, stops, generator, cache,
-                                    min(args.max_new_tokens, room))
+        reply, interrupted = stream(model, tokenizer, ids[keep:], min(max_new_tokens, room), sampling, stops,
+                                    generator, cache)
         if len(reply) == room and reply[-1] not in stops:
             print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
         cached = (ids + reply)[:cache.length]

@@ -19,12 +19,17 @@ import torch
 import torch.nn.functional as F
 
 import olmo
+import sample
+sys.path.insert(0, str(Path(__file__).parent / "notebooks"))  # the notebooks' exercise checks and solutions
+import checks  # noqa: E402
+import solutions  # noqa: E402
 
 torch.set_grad_enabled(False)
 # torch.compile's on-disk cache does not tell kernels compiled under one ATEN_CPU_CAPABILITY from another's, and
 # reused them wrongly (logits off by 0.8 after a run with the native setting, PyTorch 2.13): one cache per setting
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
                                                      f"torchinductor_olmo_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZERS = FIXTURES / "tokenizers"  # the real OLMo tokenizer files (fixtures/tokenizers/README.md)
 DENSE = ["olmo1", "olmo1_tied_clip", "olmo2", "olmo2_gqa", "olmo3"]
@@ -43,6 +48,9 @@ F32_TOL = 1e-5
 HYBRID_STEP_TOL = 1e-4
 FIXTURE_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32,
                 "beta_slow": 1, "attention_factor": 1.2079441541679836}  # as in make_fixtures.py
+
+
+# ---- helpers shared by the sections ----------------------------------------------------------------------------
 
 
 def load(case, attn="sdpa", dtype=None):
@@ -118,6 +126,134 @@ def live_reference(case, dtype, attn="sdpa"):
     return _live[case, dtype, attn]
 
 
+def decode_in_chunks(model, ids, chunks, static=False):
+    """The logits of ids fed through a KV cache a chunk at a time, and the cache."""
+    cache, start, out = model.new_cache(ids.shape[0], ids.shape[1], static=static), 0, []
+    for n in chunks:
+        out.append(model(ids[:, start:start + n], cache=cache)[0])
+        start += n
+    return torch.cat(out, 1), cache
+
+
+def _folder(tmp_path, case="olmo2"):
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((FIXTURES / case / f).read_bytes())
+    return tmp_path
+
+
+def _edit_config(folder, **changes):
+    c = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**c, **changes}))
+
+
+def _write_state(folder, state):
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+
+
+DOLMA2 = dict(eos_token_id=100257, pad_token_id=100277)
+E2E = {  # family: (tokenizer file, vocab rows, extra config)
+    "olmo": ("allenai_gpt-neox-olmo-dolma-v1_5.json", 50304, dict(clip_qkv=0.5, eos_token_id=50279, pad_token_id=1)),
+    "olmo2": ("allenai_dolma2.json", 100352, dict(num_key_value_heads=1, **DOLMA2)),
+    "olmo3": ("allenai_dolma2.json", 100278, dict(sliding_window=6, rope_scaling={**FIXTURE_YARN, "original_max_position_embeddings": 16},
+                                                   **DOLMA2)),
+    "olmoe": ("allenai_gpt-neox-olmo-dolma-v1_5.json", 50304, dict(num_experts=8, num_experts_per_tok=2, eos_token_id=50279,
+                                                                    pad_token_id=1)),
+    "flex_olmo": ("allenai_dolma2.json", 100352, dict(num_experts=3, num_experts_per_tok=2, num_key_value_heads=1, **DOLMA2)),
+    "olmo_hybrid": ("allenai_dolma2.json", 100352, dict(linear_num_key_heads=1, linear_key_head_dim=16, **DOLMA2,
+                                                         rope_parameters={"rope_type": "default", "rope_theta": None})),
+}
+
+
+def e2e_checkpoint(family, folder, chat_template=None, max_shard_size=None):
+    """A tiny random reference model saved with a real tokenizer, as a released checkpoint folder looks."""
+    tok_file, vocab, extra = E2E[family]
+    cls, cfg = reference_classes(family)
+    config = cfg(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                 max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    for name, p in model.named_parameters():  # logits that spread, so greedy picks are far from ties
+        p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    (folder / "tokenizer.json").write_bytes((TOKENIZERS / tok_file).read_bytes())
+    tok_config = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return cls
+
+
+def run_sample(*args, stdin=None):
+    return subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), *args], capture_output=True,
+                          text=True, input=stdin, timeout=300)
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+
+
+def test_config_reads_transformers4_and_transformers5_styles():
+    v5 = json.loads((FIXTURES / "olmo3" / "config.json").read_text())
+    assert "rope_parameters" in v5
+    full = v5["rope_parameters"]["full_attention"]
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types")}
+    v4["rope_theta"] = full["rope_theta"]
+    v4["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    a, b = olmo.OlmoConfig.from_dict(v5), olmo.OlmoConfig.from_dict(v4)
+    assert a == b
+    assert a.rope_scaling["factor"] == 8.0 and a.sliding_window == 8 and a.layer_types[3] == "full_attention"
+    v2 = json.loads((FIXTURES / "olmo2" / "config.json").read_text())  # transformers 5, not per layer type
+    assert olmo.OlmoConfig.from_dict(v2).rope_theta == v2["rope_parameters"]["rope_theta"]
+    bare = {k: v for k, v in v2.items() if k != "rope_parameters"}  # the reference's defaults when absent
+    assert olmo.OlmoConfig.from_dict(bare).rope_theta == 10000.0
+    assert olmo.OlmoConfig.from_dict({**bare, "model_type": "olmo3", "sliding_window": 4}).rope_theta == 500000.0
+    # keys a config.json leaves out take the reference's defaults for the family: released OLMoE configs carry no
+    # rms_norm_eps (1e-5 then, as OLMo 2/3's reference default), and no expert counts need be given
+    no_eps = {k: v for k, v in bare.items() if k != "rms_norm_eps"}
+    assert olmo.OlmoConfig.from_dict(no_eps).rms_norm_eps == 1e-5
+    olmoe = olmo.OlmoConfig.from_dict({**no_eps, "model_type": "olmoe"})
+    assert (olmoe.rms_norm_eps, olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.rope_theta) == (1e-5, 64, 8, 10000.0)
+    assert olmo.OlmoConfig.from_dict({**no_eps, "model_type": "flex_olmo"}).num_experts_per_tok == 5
+
+
+def test_config_errors_are_clear(tmp_path):
+    good = json.loads((FIXTURES / "olmo2" / "config.json").read_text())
+    with pytest.raises(ValueError, match="model_type 'llama' is not an OLMo model"):
+        olmo.OlmoConfig.from_dict({**good, "model_type": "llama"})
+    with pytest.raises(ValueError, match="missing key.*hidden_size"):
+        olmo.OlmoConfig.from_dict({k: v for k, v in good.items() if k != "hidden_size"})
+    with pytest.raises(ValueError, match="only YaRN"):
+        olmo.OlmoConfig.from_dict({**good, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        olmo.OlmoConfig.from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        olmo.OlmoConfig.from_json(tmp_path / "config.json")
+
+
+def test_presets():
+    names = list(olmo.PRESETS)
+    assert len(names) == 15
+    c = olmo.OlmoConfig.from_name("allenai/Olmo-3-1025-7B-Instruct")
+    assert c.layer_types[:4] == ["sliding_attention"] * 3 + ["full_attention"] and c.sliding_window == 4096
+    assert olmo.OlmoConfig.from_name("OLMo-2-0325-32B").num_key_value_heads == 8
+    with torch.device("meta"):  # parameter counts of the released sizes, without allocating them
+        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMo-1B-hf")).parameters())
+        assert round(n / 1e9, 2) == 1.18  # OLMo-1B: tied head
+        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMo-2-0425-1B")).parameters())
+        assert round(n / 1e9, 2) == 1.48
+        model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMoE-1B-7B-0924"))
+        total = sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        assert round(total / 1e9, 1) == 6.9 and round((total - experts * (1 - 8 / 64)) / 1e9, 1) == 1.3  # "1B-7B"
+        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("FlexOlmo-7x7B-1T")).parameters())
+        assert round(n / 1e9) == 33  # "33B total parameters" (its model card)
+    c = olmo.OlmoConfig.from_name("Olmo-Hybrid-7B")
+    assert c.layer_types.count("linear_attention") == 24 and c.rope_theta is None and c.linear_key_head_dim == 96
+    with pytest.raises(ValueError, match="unknown preset"):
+        olmo.OlmoConfig.from_name("OLMo-9B")
+
+
 # ---- exactness against the reference ---------------------------------------------------------------------------
 
 
@@ -128,33 +264,6 @@ def test_float32_logits_match_reference(case, attn):
     logits, _ = load(case, attn)(ref["input_ids"])
     assert logits.dtype == torch.float32
     assert_close_to_fixture(logits, ref["logits"])
-
-
-@pytest.mark.parametrize("matmul", ["bfloat16", "float32"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("case", CASES)
-def test_bfloat16_logits_match_the_live_reference(case, attn, matmul, monkeypatch):
-    # bfloat16 keeps 8 significant bits: logits of size ~4 round in steps of 1/32, and which way each rounding goes
-    # depends on the order of the sums, that is, on this machine's kernels. So the reference runs here, now.
-    # - Prompt products in bfloat16 (olmo.PROMPT_MATMUL): we call the same kernels as the reference on the same
-    #   inputs in the same order, so on any machine the logits are the same bits. Any change of what is rounded
-    #   when (OLMoE's norm rounding first, RoPE's cos/sin in bfloat16, a softmax in bfloat16) breaks that.
-    # - Prompt products in float32 (what CPUs without fast bfloat16 run): the sums run in another order, so a last
-    #   bit differs here and there. Bound: the reference's own bfloat16 error, its bfloat16 logits against its
-    #   float32 ones, measured on this machine.
-    monkeypatch.setattr(olmo, "PROMPT_MATMUL", matmul)
-    ref16, ref32 = live_reference(case, torch.bfloat16, attn), live_reference(case, torch.float32, attn)
-    model = load(case, attn, torch.bfloat16)
-    logits = skip_on_torch_sdpa_bug(model, reference(case)["input_ids"])[0]
-    assert logits.dtype == torch.bfloat16
-    if matmul == "bfloat16":
-        assert max_diff(logits, ref16.logits) == 0
-    elif case in MOE:
-        assert_routes_as_the_reference(model, logits, ref16, ref32)
-    else:
-        ref_error = max_diff(ref16.logits, ref32.logits)
-        assert max_diff(logits, ref16.logits) <= ref_error
-        assert max_diff(logits, ref32.logits) <= 1.5 * ref_error
 
 
 def routing(router_logits, k):
@@ -196,6 +305,33 @@ def assert_routes_as_the_reference(model, logits, ref16, ref32):
     assert max_diff(logits[same], ref16.logits[same]) <= logit_error
 
 
+@pytest.mark.parametrize("matmul", ["bfloat16", "float32"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_logits_match_the_live_reference(case, attn, matmul, monkeypatch):
+    # bfloat16 keeps 8 significant bits: logits of size ~4 round in steps of 1/32, and which way each rounding goes
+    # depends on the order of the sums, that is, on this machine's kernels. So the reference runs here, now.
+    # - Prompt products in bfloat16 (olmo.PROMPT_MATMUL): we call the same kernels as the reference on the same
+    #   inputs in the same order, so on any machine the logits are the same bits. Any change of what is rounded
+    #   when (OLMoE's norm rounding first, RoPE's cos/sin in bfloat16, a softmax in bfloat16) breaks that.
+    # - Prompt products in float32 (what CPUs without fast bfloat16 run): the sums run in another order, so a last
+    #   bit differs here and there. Bound: the reference's own bfloat16 error, its bfloat16 logits against its
+    #   float32 ones, measured on this machine.
+    monkeypatch.setattr(olmo, "PROMPT_MATMUL", matmul)
+    ref16, ref32 = live_reference(case, torch.bfloat16, attn), live_reference(case, torch.float32, attn)
+    model = load(case, attn, torch.bfloat16)
+    logits = skip_on_torch_sdpa_bug(model, reference(case)["input_ids"])[0]
+    assert logits.dtype == torch.bfloat16
+    if matmul == "bfloat16":
+        assert max_diff(logits, ref16.logits) == 0
+    elif case in MOE:
+        assert_routes_as_the_reference(model, logits, ref16, ref32)
+    else:
+        ref_error = max_diff(ref16.logits, ref32.logits)
+        assert max_diff(logits, ref16.logits) <= ref_error
+        assert max_diff(logits, ref32.logits) <= 1.5 * ref_error
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_loss_matches_reference(case):
     ref = reference(case)
@@ -211,100 +347,99 @@ def test_eager_and_sdpa_agree(case):
     assert max_diff(load(case, "eager")(ids)[0], load(case, "sdpa")(ids)[0]) < F32_TOL
 
 
-# ---- KV cache ------------------------------------------------------------------------------------------------
+# ---- live cross-check against transformers ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 1, 10, 7], [12, 12], [3, 21]])
-@pytest.mark.parametrize("case", DENSE + MOE)
-def test_cached_decoding_equals_full_forward(case, chunks, attn, static):
-    # olmo3's sliding layers keep only the last 8 keys in a ring; 24 tokens wrap it three times, and chunks
-    # longer than one token take the path that must not overwrite keys the chunk itself still needs.
-    # A static cache (for CUDA graphs) attends over all its slots every step and counts on the device.
-    model, ids = load(case, attn), reference(case)["input_ids"]
-    stepped, cache = decode_in_chunks(model, ids, chunks, static)
-    assert max_diff(stepped, model(ids)[0]) < F32_TOL
-    assert cache.length == 24 and (not static or cache.device_length.item() == 24)
+def _random_configs():
+    import random
+    rng = random.Random(0)
+    for family in ["olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid"] * 2:
+        H = rng.choice([2, 4])
+        d = dict(model_type=family, vocab_size=rng.randint(50, 200), hidden_size=16 * H, num_attention_heads=H,
+                 num_key_value_heads=rng.choice([k for k in (1, 2, H) if H % k == 0]) if family != "olmo" else H,
+                 intermediate_size=rng.choice([40, 64]), num_hidden_layers=rng.randint(1, 5),
+                 max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
+        if family in ("olmoe", "flex_olmo"):
+            d["num_experts"] = rng.choice([4, 6])
+            d["num_experts_per_tok"] = rng.choice([1, 2, 3])
+            d["norm_topk_prob"] = rng.random() < 0.5
+        if family == "olmoe":
+            d["clip_qkv"] = rng.choice([None, 1.0])
+        if family == "olmo_hybrid":  # the linear layers' heads and dims differ from the attention layers'
+            d["num_hidden_layers"] = rng.randint(2, 5)
+            d["layer_types"] = ["full_attention"] + [rng.choice(["linear_attention", "full_attention"])
+                                                     for _ in range(d["num_hidden_layers"] - 2)] + ["linear_attention"]
+            d["linear_num_key_heads"] = rng.choice([1, 2])
+            d["linear_num_value_heads"] = d["linear_num_key_heads"] * rng.choice([1, 2, 3])
+            d["linear_key_head_dim"], d["linear_value_head_dim"] = rng.choice([8, 16]), rng.choice([8, 12, 24])
+            d["linear_allow_neg_eigval"] = rng.random() < 0.5
+            d["linear_conv_kernel_dim"] = rng.choice([2, 4])
+            d["rope_parameters"] = {"rope_type": "default", "rope_theta": rng.choice([None, 10000.0])}
+        if family == "olmo":
+            d["clip_qkv"] = rng.choice([None, 0.5])
+            d["tie_word_embeddings"] = rng.random() < 0.5
+        else:
+            d["rms_norm_eps"] = rng.choice([1e-5, 1e-6])
+        if family == "olmo3":
+            d["sliding_window"] = rng.randint(3, 10)
+            d["rope_scaling"] = {"rope_type": "yarn", "factor": rng.choice([2.0, 8.0]),
+                                 "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
+        yield d
 
 
-def decode_in_chunks(model, ids, chunks, static=False):
-    """The logits of ids fed through a KV cache a chunk at a time, and the cache."""
-    cache, start, out = model.new_cache(ids.shape[0], ids.shape[1], static=static), 0, []
-    for n in chunks:
-        out.append(model(ids[:, start:start + n], cache=cache)[0])
-        start += n
-    return torch.cat(out, 1), cache
-
-
-@pytest.mark.slow
-def test_compiled_blocks_share_one_graph_and_match_eager():
-    # 10 layers, more than torch's recompile limit (8): had each layer compiled its own graph, the rest would
-    # silently run eagerly. Graphs: the prefill, decode steps while a ring still has room, decode steps after.
-    from torch._dynamo.utils import counters
-
-    config = copy.deepcopy(load("olmo3").config)
-    config.num_hidden_layers, config.layer_types = 10, None
-    config.__post_init__()  # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
+@pytest.mark.parametrize("d", list(_random_configs()), ids=lambda d: f"{d['model_type']}-L{d['num_hidden_layers']}")
+def test_live_cross_check_against_transformers(d, tmp_path):
+    ref_cls, cfg_cls = reference_classes(d["model_type"])
     torch.manual_seed(0)
-    eager = olmo.OlmoForCausalLM(config).eval()
-    compiled = olmo.compile_blocks(copy.deepcopy(eager))
-    torch._dynamo.reset()
-    counters.clear()
-    ids = torch.randint(0, config.vocab_size, (2, 18))
-    outs = []
-    for model in (eager, compiled):  # prefill 6 tokens, then decode 12 one by one: the rings wrap
-        cache = model.new_cache(2, 18)
-        steps = [model(ids[:, :6], cache=cache)[0]] + [model(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
-        outs.append(torch.cat(steps, 1))
-    assert max_diff(outs[0], outs[1]) < F32_TOL
-    assert 1 <= counters["stats"]["unique_graphs"] <= 3
-    cache = compiled.new_cache(2, 18, static=True)  # as for CUDA graphs: all slots every step, length on the device
-    steps = [compiled(ids[:, :6], cache=cache)[0]] + [compiled(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
-    assert max_diff(outs[0], torch.cat(steps, 1)) < F32_TOL
+    ref = ref_cls(cfg_cls(**{k: v for k, v in d.items() if k != "model_type"})).eval()
+    for name, p in ref.named_parameters():  # norm weights away from 1, so they are tested too
+        if "norm" in name:
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(2, d["vocab_size"], (2, 80))  # 80 tokens: more than one chunk of Gated DeltaNet
+    expected = ref(input_ids=ids).logits
+    assert max_diff(ours(ids)[0], expected) < F32_TOL
+    cache = ours.new_cache(2, 80)
+    stepped = torch.cat([ours(ids[:, :67], cache=cache)[0]] + [ours(ids[:, t:t + 1], cache=cache)[0] for t in range(67, 80)], 1)
+    assert max_diff(stepped, expected) < (HYBRID_STEP_TOL if d["model_type"] == "olmo_hybrid" else F32_TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by hand where one is)")
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_cuda_graph_decoding_matches_eager(compiled):
-    # recorded on the third step, replayed for the rest; olmo3's rings of 8 wrap during the replays
-    model = load("olmo3").to("cuda")
-    graphed = olmo.compile_blocks(copy.deepcopy(model)) if compiled else model
-    ids = reference("olmo3")["input_ids"].to("cuda")
-    with torch.inference_mode():
-        full, _ = model(ids)
-        cache = graphed.new_cache(2, 24, static=True)
-        step = olmo.cuda_graph_decoder(graphed, cache)
-        out = [graphed(ids[:, :4], cache=cache)[0]] + [step(ids[:, i:i + 1]).clone() for i in range(4, 24)]
-        assert max_diff(torch.cat(out, 1), full) < F32_TOL
-        assert cache.length == 24 and cache.device_length.item() == 24
-        with pytest.raises(ValueError, match="KV cache holds 24 tokens; 24 are in it"):
-            step(ids[:, :1])
+# ---- every feature is live: turning it off changes the logits --------------------------------------------------
 
 
-def test_sliding_layers_keep_only_the_window():
-    model = load("olmo3")
-    cache = model.new_cache(2, 100)
-    sizes = [kv.k.shape[2] for kv in cache.layers]
-    assert sizes == [8, 8, 8, 100]  # layer_types: sliding, sliding, sliding, full
+@pytest.mark.parametrize("case,change", [
+    ("olmo1_tied_clip", dict(clip_qkv=None)),
+    ("olmo3", dict(sliding_window=16)),
+    ("olmo3", dict(layer_types=["full_attention"] * 4)),
+    ("olmo3", dict(rope_scaling={**FIXTURE_YARN, "factor": 4.0})),
+    ("olmo3", dict(rope_scaling=None)),
+    ("olmo2", dict(rope_theta=10000.0)),
+    ("olmoe_clip_norm", dict(norm_topk_prob=False)),
+    ("olmoe_clip_norm", dict(clip_qkv=None)),
+    ("olmoe", dict(num_experts_per_tok=3)),
+])
+def test_feature_changes_logits(case, change):
+    model, ids = load(case), reference(case)["input_ids"]
+    assert max_diff(with_config(model, **change)(ids)[0], model(ids)[0]) > 1e-2
 
 
-def test_cache_overflow_is_a_clear_error():
-    model = load("olmo2")
-    cache = model.new_cache(1, 4)
-    model(torch.tensor([[5, 6, 7]]), cache=cache)
-    with pytest.raises(ValueError, match="KV cache holds 4 tokens; 3 are in it and 2 more do not fit"):
-        model(torch.tensor([[8, 9]]), cache=cache)
+def test_yarn_only_on_full_attention_layers():
+    # YaRN applied to every layer (the transformers 5.2 regression) must not match the reference
+    model, ids = load("olmo3"), reference("olmo3")["input_ids"]
+    rope = model.model.rope
+    model.model.rope = lambda yarn, device: rope(True, device)
+    wrong, _ = model(ids)
+    assert max_diff(wrong, reference("olmo3")["logits"]) > 1e-2
 
 
-def test_last_only_gives_the_last_position():
-    model, ids = load("olmo2"), reference("olmo2")["input_ids"]
-    full, _ = model(ids)
-    last, _ = model(ids, last_only=True)
-    assert last.shape == (2, 1, 128) and max_diff(last[:, 0], full[:, -1]) < F32_TOL
+def test_tied_head_shares_the_embedding():
+    model = load("olmo1_tied_clip")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in olmo.read_safetensors(FIXTURES / "olmo1_tied_clip" / "model.safetensors")
 
 
-# ---- left-padded batches -------------------------------------------------------------------------------------
+# ---- left-padded batches ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -339,41 +474,7 @@ def test_attention_mask_shape_is_checked():
         model(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 4))
 
 
-# ---- every feature is live: turning it off changes the logits -------------------------------------------------
-
-
-@pytest.mark.parametrize("case,change", [
-    ("olmo1_tied_clip", dict(clip_qkv=None)),
-    ("olmo3", dict(sliding_window=16)),
-    ("olmo3", dict(layer_types=["full_attention"] * 4)),
-    ("olmo3", dict(rope_scaling={**FIXTURE_YARN, "factor": 4.0})),
-    ("olmo3", dict(rope_scaling=None)),
-    ("olmo2", dict(rope_theta=10000.0)),
-    ("olmoe_clip_norm", dict(norm_topk_prob=False)),
-    ("olmoe_clip_norm", dict(clip_qkv=None)),
-    ("olmoe", dict(num_experts_per_tok=3)),
-])
-def test_feature_changes_logits(case, change):
-    model, ids = load(case), reference(case)["input_ids"]
-    assert max_diff(with_config(model, **change)(ids)[0], model(ids)[0]) > 1e-2
-
-
-def test_yarn_only_on_full_attention_layers():
-    # YaRN applied to every layer (the transformers 5.2 regression) must not match the reference
-    model, ids = load("olmo3"), reference("olmo3")["input_ids"]
-    rope = model.model.rope
-    model.model.rope = lambda yarn, device: rope(True, device)
-    wrong, _ = model(ids)
-    assert max_diff(wrong, reference("olmo3")["logits"]) > 1e-2
-
-
-def test_tied_head_shares_the_embedding():
-    model = load("olmo1_tied_clip")
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert "lm_head.weight" not in olmo.read_safetensors(FIXTURES / "olmo1_tied_clip" / "model.safetensors")
-
-
-# ---- mixture of experts (OLMoE, FlexOlmo) ---------------------------------------------------------------------
+# ---- mixture of experts (OLMoE, FlexOlmo) ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", MOE)
@@ -481,7 +582,7 @@ def test_moe_is_not_replayed_from_a_cuda_graph():
         olmo.cuda_graph_decoder(model, model.new_cache(1, 8, static=True))
 
 
-# ---- Olmo Hybrid: Gated DeltaNet ----------------------------------------------------------------------------
+# ---- Olmo Hybrid: Gated DeltaNet -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("T", [1, 5, 64, 150])
@@ -634,47 +735,7 @@ def test_hybrid_config_rope_theta_null_means_no_rope():
     assert short.layer_types == ["linear_attention", "full_attention"]
 
 
-# ---- weight-only quantization ----------------------------------------------------------------------------------
-
-
-def fake_quantized(model, bits):
-    """The plain math that QuantizedLinear must match: each weight it would replace, rounded to its levels and kept
-    in float32 (int8: per row, symmetric; int4: per group of 32, over the group's range)."""
-    model = copy.deepcopy(model)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    for parent in model.modules():
-        for name, m in parent.named_children():
-            if type(m) is not olmo.Linear or (isinstance(parent, olmo.MoE) and name == "gate") or (tied and m is model.lm_head):
-                continue
-            w = m.weight.data
-            if bits == 8 or w.shape[0] % 16 or w.shape[1] % 32:
-                s = w.abs().amax(1, keepdim=True) / 127
-                m.weight.data = (w / s).round().clamp(-127, 127) * s
-            else:
-                g = w.view(w.shape[0], -1, 32)
-                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-                s = (hi - lo) / 15
-                m.weight.data = (((g - lo) / s).round().clamp(0, 15) * s + lo).view(w.shape)
-    return model
-
-
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("case", CASES)
-def test_quantized_logits_match_the_fake_quantized_math(case, mode):
-    # in float32 the quantized model computes what rounding its weights does (to 3e-6..7e-6 here; the hybrid's
-    # recurrence carries the last bits further: 6e-5), so its logits move from the float32 reference by that
-    # rounding's error and no more; in bfloat16 by at most 1.5x that plus the reference's own bfloat16 error (live)
-    ids = reference(case)["input_ids"]
-    ref16, ref32 = live_reference(case, torch.bfloat16), live_reference(case, torch.float32)
-    fq = fake_quantized(load(case), 8 if mode == "int8" else 4)(ids)[0]
-    fq_error = max_diff(fq, ref32.logits)
-    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize=mode)
-    left = [name for name, m in ours.named_modules() if type(m) is olmo.Linear]  # routers, a tied head
-    assert all(name.endswith("mlp.gate") or name == "lm_head" and ours.config.tie_word_embeddings for name in left)
-    assert max_diff(ours(ids)[0], fq) < (HYBRID_STEP_TOL if case == "olmo_hybrid" else F32_TOL)
-    bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
-    logits = skip_on_torch_sdpa_bug(bf16, ids)[0]
-    assert max_diff(logits, ref32.logits) <= 1.5 * fq_error + max_diff(ref16.logits, ref32.logits)
+# ---- runtime: float32 prompt products, the KV cache, torch.compile, CUDA graphs --------------------------------
 
 
 def test_matmul_in_float32_block_by_block(monkeypatch):
@@ -689,173 +750,88 @@ def test_matmul_in_float32_block_by_block(monkeypatch):
     assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 1, 10, 7], [12, 12], [3, 21]])
+@pytest.mark.parametrize("case", DENSE + MOE)
+def test_cached_decoding_equals_full_forward(case, chunks, attn, static):
+    # olmo3's sliding layers keep only the last 8 keys in a ring; 24 tokens wrap it three times, and chunks
+    # longer than one token take the path that must not overwrite keys the chunk itself still needs.
+    # A static cache (for CUDA graphs) attends over all its slots every step and counts on the device.
+    model, ids = load(case, attn), reference(case)["input_ids"]
+    stepped, cache = decode_in_chunks(model, ids, chunks, static)
+    assert max_diff(stepped, model(ids)[0]) < F32_TOL
+    assert cache.length == 24 and (not static or cache.device_length.item() == 24)
+
+
+def test_sliding_layers_keep_only_the_window():
+    model = load("olmo3")
+    cache = model.new_cache(2, 100)
+    sizes = [kv.k.shape[2] for kv in cache.layers]
+    assert sizes == [8, 8, 8, 100]  # layer_types: sliding, sliding, sliding, full
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = load("olmo2")
+    cache = model.new_cache(1, 4)
+    model(torch.tensor([[5, 6, 7]]), cache=cache)
+    with pytest.raises(ValueError, match="KV cache holds 4 tokens; 3 are in it and 2 more do not fit"):
+        model(torch.tensor([[8, 9]]), cache=cache)
+
+
+def test_last_only_gives_the_last_position():
+    model, ids = load("olmo2"), reference("olmo2")["input_ids"]
+    full, _ = model(ids)
+    last, _ = model(ids, last_only=True)
+    assert last.shape == (2, 1, 128) and max_diff(last[:, 0], full[:, -1]) < F32_TOL
+
+
 @pytest.mark.slow
-def test_quantized_greedy_text_keeps_the_float32_choices():
-    # on the trained tiny OLMo (notebooks/tiny_olmo): sample.py --quantize int8 prints what generate() computes, and
-    # each token of int8's greedy text is the float32 model's choice given the same text before it, wherever the
-    # float32 model's top two logits are further apart than int8 can move them: its weights' rounding (the
-    # fake-quantized model's error) plus bfloat16's (the bfloat16 model's error), both measured on that text
-    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
-    tokenizer = olmo.load_tokenizer(folder)
-    r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64",
-                   "--dtype", "bfloat16", "--quantize", "int8")
-    assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
-    load_as = lambda dtype, q=None: olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q)
-    int8, int8_f32, f32, bf16 = load_as(torch.bfloat16, "int8"), load_as(torch.float32, "int8"), load_as(torch.float32), load_as(torch.bfloat16)
-    fq = fake_quantized(f32, 8)
-    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(int8, tokenizer.encode("Return the"), 64))) + "\n"
-    clear = total = 0
-    for prompt in ["Return the", "The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
-        ids = tokenizer.encode(prompt)
-        for model, truth, limit in [(int8, f32, None), (int8_f32, fq, 1e-4)]:
-            new = list(sample.generate(model, ids, 64))
-            seq = torch.tensor([ids + new])
-            at = lambda m: m(seq)[0][0, len(ids) - 1:-1].float()  # the logits that chose each new token
-            expected = at(truth)
-            if limit is None:  # int8 weights and bfloat16 activations against float32
-                limit = (at(fq) - expected).abs().amax(-1) + (at(bf16) - expected).abs().amax(-1)
-                assert max_diff(at(model), expected) <= 1.5 * limit.max()
-            top = expected.topk(2, -1)
-            decided = top.values[:, 0] - top.values[:, 1] > 2 * limit  # each logit may move by limit
-            assert torch.equal(torch.tensor(new)[decided], top.indices[decided, 0]), prompt
-            clear, total = clear + decided.sum().item(), total + len(new)
-    assert clear > 0.75 * total, (clear, total)
+def test_compiled_blocks_share_one_graph_and_match_eager():
+    # 10 layers, more than torch's recompile limit (8): had each layer compiled its own graph, the rest would
+    # silently run eagerly. Graphs: the prefill, decode steps while a ring still has room, decode steps after.
+    from torch._dynamo.utils import counters
 
-
-def test_quantization_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
-        olmo.quantize(load("olmo2"), "int3")
-    with pytest.raises(ValueError, match="int4 uses PyTorch's CPU kernel"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize="int4")
-    with pytest.raises(ValueError, match="not combined with tensor parallelism"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
-
-
-# ---- config -------------------------------------------------------------------------------------------------
-
-
-def test_config_reads_transformers4_and_transformers5_styles():
-    v5 = json.loads((FIXTURES / "olmo3" / "config.json").read_text())
-    assert "rope_parameters" in v5
-    full = v5["rope_parameters"]["full_attention"]
-    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types")}
-    v4["rope_theta"] = full["rope_theta"]
-    v4["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
-    a, b = olmo.OlmoConfig.from_dict(v5), olmo.OlmoConfig.from_dict(v4)
-    assert a == b
-    assert a.rope_scaling["factor"] == 8.0 and a.sliding_window == 8 and a.layer_types[3] == "full_attention"
-    v2 = json.loads((FIXTURES / "olmo2" / "config.json").read_text())  # transformers 5, not per layer type
-    assert olmo.OlmoConfig.from_dict(v2).rope_theta == v2["rope_parameters"]["rope_theta"]
-    bare = {k: v for k, v in v2.items() if k != "rope_parameters"}  # the reference's defaults when absent
-    assert olmo.OlmoConfig.from_dict(bare).rope_theta == 10000.0
-    assert olmo.OlmoConfig.from_dict({**bare, "model_type": "olmo3", "sliding_window": 4}).rope_theta == 500000.0
-    # keys a config.json leaves out take the reference's defaults for the family: released OLMoE configs carry no
-    # rms_norm_eps (1e-5 then, as OLMo 2/3's reference default), and no expert counts need be given
-    no_eps = {k: v for k, v in bare.items() if k != "rms_norm_eps"}
-    assert olmo.OlmoConfig.from_dict(no_eps).rms_norm_eps == 1e-5
-    olmoe = olmo.OlmoConfig.from_dict({**no_eps, "model_type": "olmoe"})
-    assert (olmoe.rms_norm_eps, olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.rope_theta) == (1e-5, 64, 8, 10000.0)
-    assert olmo.OlmoConfig.from_dict({**no_eps, "model_type": "flex_olmo"}).num_experts_per_tok == 5
-
-
-def test_config_errors_are_clear(tmp_path):
-    good = json.loads((FIXTURES / "olmo2" / "config.json").read_text())
-    with pytest.raises(ValueError, match="model_type 'llama' is not an OLMo model"):
-        olmo.OlmoConfig.from_dict({**good, "model_type": "llama"})
-    with pytest.raises(ValueError, match="missing key.*hidden_size"):
-        olmo.OlmoConfig.from_dict({k: v for k, v in good.items() if k != "hidden_size"})
-    with pytest.raises(ValueError, match="only YaRN"):
-        olmo.OlmoConfig.from_dict({**good, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
-    with pytest.raises(FileNotFoundError, match="no config file"):
-        olmo.OlmoConfig.from_json(tmp_path / "config.json")
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        olmo.OlmoConfig.from_json(tmp_path / "config.json")
-
-
-def test_presets():
-    names = list(olmo.PRESETS)
-    assert len(names) == 15
-    c = olmo.OlmoConfig.from_name("allenai/Olmo-3-1025-7B-Instruct")
-    assert c.layer_types[:4] == ["sliding_attention"] * 3 + ["full_attention"] and c.sliding_window == 4096
-    assert olmo.OlmoConfig.from_name("OLMo-2-0325-32B").num_key_value_heads == 8
-    with torch.device("meta"):  # parameter counts of the released sizes, without allocating them
-        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMo-1B-hf")).parameters())
-        assert round(n / 1e9, 2) == 1.18  # OLMo-1B: tied head
-        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMo-2-0425-1B")).parameters())
-        assert round(n / 1e9, 2) == 1.48
-        model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("OLMoE-1B-7B-0924"))
-        total = sum(p.numel() for p in model.parameters())
-        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        assert round(total / 1e9, 1) == 6.9 and round((total - experts * (1 - 8 / 64)) / 1e9, 1) == 1.3  # "1B-7B"
-        n = sum(p.numel() for p in olmo.OlmoForCausalLM(olmo.OlmoConfig.from_name("FlexOlmo-7x7B-1T")).parameters())
-        assert round(n / 1e9) == 33  # "33B total parameters" (its model card)
-    c = olmo.OlmoConfig.from_name("Olmo-Hybrid-7B")
-    assert c.layer_types.count("linear_attention") == 24 and c.rope_theta is None and c.linear_key_head_dim == 96
-    with pytest.raises(ValueError, match="unknown preset"):
-        olmo.OlmoConfig.from_name("OLMo-9B")
-
-
-# ---- live cross-check against transformers -------------------------------------------------------------------
-
-
-def _random_configs():
-    import random
-    rng = random.Random(0)
-    for family in ["olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid"] * 2:
-        H = rng.choice([2, 4])
-        d = dict(model_type=family, vocab_size=rng.randint(50, 200), hidden_size=16 * H, num_attention_heads=H,
-                 num_key_value_heads=rng.choice([k for k in (1, 2, H) if H % k == 0]) if family != "olmo" else H,
-                 intermediate_size=rng.choice([40, 64]), num_hidden_layers=rng.randint(1, 5),
-                 max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
-        if family in ("olmoe", "flex_olmo"):
-            d["num_experts"] = rng.choice([4, 6])
-            d["num_experts_per_tok"] = rng.choice([1, 2, 3])
-            d["norm_topk_prob"] = rng.random() < 0.5
-        if family == "olmoe":
-            d["clip_qkv"] = rng.choice([None, 1.0])
-        if family == "olmo_hybrid":  # the linear layers' heads and dims differ from the attention layers'
-            d["num_hidden_layers"] = rng.randint(2, 5)
-            d["layer_types"] = ["full_attention"] + [rng.choice(["linear_attention", "full_attention"])
-                                                     for _ in range(d["num_hidden_layers"] - 2)] + ["linear_attention"]
-            d["linear_num_key_heads"] = rng.choice([1, 2])
-            d["linear_num_value_heads"] = d["linear_num_key_heads"] * rng.choice([1, 2, 3])
-            d["linear_key_head_dim"], d["linear_value_head_dim"] = rng.choice([8, 16]), rng.choice([8, 12, 24])
-            d["linear_allow_neg_eigval"] = rng.random() < 0.5
-            d["linear_conv_kernel_dim"] = rng.choice([2, 4])
-            d["rope_parameters"] = {"rope_type": "default", "rope_theta": rng.choice([None, 10000.0])}
-        if family == "olmo":
-            d["clip_qkv"] = rng.choice([None, 0.5])
-            d["tie_word_embeddings"] = rng.random() < 0.5
-        else:
-            d["rms_norm_eps"] = rng.choice([1e-5, 1e-6])
-        if family == "olmo3":
-            d["sliding_window"] = rng.randint(3, 10)
-            d["rope_scaling"] = {"rope_type": "yarn", "factor": rng.choice([2.0, 8.0]),
-                                 "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
-        yield d
-
-
-@pytest.mark.parametrize("d", list(_random_configs()), ids=lambda d: f"{d['model_type']}-L{d['num_hidden_layers']}")
-def test_live_cross_check_against_transformers(d, tmp_path):
-    ref_cls, cfg_cls = reference_classes(d["model_type"])
+    config = copy.deepcopy(load("olmo3").config)
+    config.num_hidden_layers, config.layer_types = 10, None
+    config.__post_init__()  # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
     torch.manual_seed(0)
-    ref = ref_cls(cfg_cls(**{k: v for k, v in d.items() if k != "model_type"})).eval()
-    for name, p in ref.named_parameters():  # norm weights away from 1, so they are tested too
-        if "norm" in name:
-            p.copy_(1 + 0.3 * torch.randn_like(p))
-    ref.save_pretrained(tmp_path)
-    ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path)
-    ids = torch.randint(2, d["vocab_size"], (2, 80))  # 80 tokens: more than one chunk of Gated DeltaNet
-    expected = ref(input_ids=ids).logits
-    assert max_diff(ours(ids)[0], expected) < F32_TOL
-    cache = ours.new_cache(2, 80)
-    stepped = torch.cat([ours(ids[:, :67], cache=cache)[0]] + [ours(ids[:, t:t + 1], cache=cache)[0] for t in range(67, 80)], 1)
-    assert max_diff(stepped, expected) < (HYBRID_STEP_TOL if d["model_type"] == "olmo_hybrid" else F32_TOL)
+    eager = olmo.OlmoForCausalLM(config).eval()
+    compiled = olmo.compile_blocks(copy.deepcopy(eager))
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, config.vocab_size, (2, 18))
+    outs = []
+    for model in (eager, compiled):  # prefill 6 tokens, then decode 12 one by one: the rings wrap
+        cache = model.new_cache(2, 18)
+        steps = [model(ids[:, :6], cache=cache)[0]] + [model(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
+        outs.append(torch.cat(steps, 1))
+    assert max_diff(outs[0], outs[1]) < F32_TOL
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+    cache = compiled.new_cache(2, 18, static=True)  # as for CUDA graphs: all slots every step, length on the device
+    steps = [compiled(ids[:, :6], cache=cache)[0]] + [compiled(ids[:, i:i + 1], cache=cache)[0] for i in range(6, 18)]
+    assert max_diff(outs[0], torch.cat(steps, 1)) < F32_TOL
 
 
-# ---- checkpoint layouts ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by hand where one is)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_decoding_matches_eager(compiled):
+    # recorded on the third step, replayed for the rest; olmo3's rings of 8 wrap during the replays
+    model = load("olmo3").to("cuda")
+    graphed = olmo.compile_blocks(copy.deepcopy(model)) if compiled else model
+    ids = reference("olmo3")["input_ids"].to("cuda")
+    with torch.inference_mode():
+        full, _ = model(ids)
+        cache = graphed.new_cache(2, 24, static=True)
+        step = olmo.cuda_graph_decoder(graphed, cache)
+        out = [graphed(ids[:, :4], cache=cache)[0]] + [step(ids[:, i:i + 1]).clone() for i in range(4, 24)]
+        assert max_diff(torch.cat(out, 1), full) < F32_TOL
+        assert cache.length == 24 and cache.device_length.item() == 24
+        with pytest.raises(ValueError, match="KV cache holds 24 tokens; 24 are in it"):
+            step(ids[:, :1])
 
+
+# ---- loading checkpoints ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", ["ai2_olmo1", "ai2_olmo2"])
@@ -971,22 +947,6 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
     assert resident - model_bytes <= model_bytes / 4, f"{mib(resident - model_bytes)} resident beyond the model ({mib(model_bytes)})"
 
 
-def _folder(tmp_path, case="olmo2"):
-    for f in ("config.json", "model.safetensors"):
-        (tmp_path / f).write_bytes((FIXTURES / case / f).read_bytes())
-    return tmp_path
-
-
-def _edit_config(folder, **changes):
-    c = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**c, **changes}))
-
-
-def _write_state(folder, state):
-    safetensors = pytest.importorskip("safetensors.torch")
-    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
-
-
 def test_load_errors_name_the_file_and_tensor(tmp_path):
     load = olmo.OlmoForCausalLM.from_pretrained
     with pytest.raises(FileNotFoundError, match="checkpoint folder .*nope does not exist"):
@@ -1056,414 +1016,93 @@ def test_ai2_config_refuses_unreleased_architectures():
         olmo.config_from_ai2({**olmo2, "clip_qkv": 8.0}, "x")
 
 
-# ---- tokenizer -------------------------------------------------------------------------------------------------
-
-CORPUS = "\n".join([
-    "The quick brown fox jumps over the lazy dog. It's 9:30am; we'll see—don't you think? I'M SURE they'd agree.",
-    Path(__file__).read_text()[:4000],  # code
-    "def f(x):\n\tif x  >  0:\n\t\treturn   x**2\n\n\n    # indented comment   \r\n",
-    " " * 2 + "a" + " " * 7 + "b" + " " * 24 + "c" + " " * 25 + "d" + " " * 49 + "e\u00a0f\u2003g\u3000h",
-    "0 12 345 6789 3.14159 1,000,000 2026-11-26 +44 (0)20 7946 0958 ½ ² ٣٤٥",
-    "日本語のテキストです。中文文本，标点符号！한국어 텍스트입니다. ภาษาไทย Ελληνικά Русский текст",
-    "emoji 😀👍🏽👨‍👩‍👧‍👦🇫🇷 ✓ ∑ ∫ → ≠ ∞",
-    "RTL: مرحبا بالعالم، كيف حالك؟ שלום עולם! Mixed עברית and English.",
-    "combining: cafe\u0301 e\u0301\u0302 n\u0303 A\u030a \u1e9b\u0323 Å Ω",
-    "special: <|endoftext|> after <|pad|> and <|im_start|>user\nhi<|im_end|> |||EMAIL_ADDRESS||| <|padding|>",
-    "URLs https://example.com/a?b=c&d=e#f and emails someone@example.org",
-])
+# ---- weight-only quantization ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["allenai_dolma2.json", "allenai_gpt-neox-olmo-dolma-v1_5.json",
-                                  "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"])
-def test_tokenizer_matches_the_tokenizers_library(name):
-    tokenizers = pytest.importorskip("tokenizers")
-    path = TOKENIZERS / name
-    ours, ref = olmo.load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
-    for text in [CORPUS, *CORPUS.split("\n")]:
-        ids = ours.encode(text)
-        assert ids == ref.encode(text).ids, text[:60]
-        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
-    assert ours.eos_token_id == {"allenai_dolma2.json": 100257}.get(name, 50279 if "v1_5" in name else 0)
+def fake_quantized(model, bits):
+    """The plain math that QuantizedLinear must match: each weight it would replace, rounded to its levels and kept
+    in float32 (int8: per row, symmetric; int4: per group of 32, over the group's range)."""
+    model = copy.deepcopy(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for parent in model.modules():
+        for name, m in parent.named_children():
+            if type(m) is not olmo.Linear or (isinstance(parent, olmo.MoE) and name == "gate") or (tied and m is model.lm_head):
+                continue
+            w = m.weight.data
+            if bits == 8 or w.shape[0] % 16 or w.shape[1] % 32:
+                s = w.abs().amax(1, keepdim=True) / 127
+                m.weight.data = (w / s).round().clamp(-127, 127) * s
+            else:
+                g = w.view(w.shape[0], -1, 32)
+                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+                s = (hi - lo) / 15
+                m.weight.data = (((g - lo) / s).round().clamp(0, 15) * s + lo).view(w.shape)
+    return model
 
 
-def test_tokenizer_errors_and_eos_from_tokenizer_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        olmo.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
-        olmo.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_bytes((TOKENIZERS / "allenai_dolma2.json").read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|pad|>"}}))
-    assert olmo.load_tokenizer(tmp_path).eos_token_id == 100277
-
-
-# ---- sample.py -------------------------------------------------------------------------------------------------
-
-import sample  # noqa: E402
-
-TULU = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\\n' + m['content'] + '\\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
-        "{{ '<|assistant|>\\n' + m['content'] + eos_token + '\\n' }}{% endif %}"
-        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-DOLMA2 = dict(eos_token_id=100257, pad_token_id=100277)
-E2E = {  # family: (tokenizer file, vocab rows, extra config)
-    "olmo": ("allenai_gpt-neox-olmo-dolma-v1_5.json", 50304, dict(clip_qkv=0.5, eos_token_id=50279, pad_token_id=1)),
-    "olmo2": ("allenai_dolma2.json", 100352, dict(num_key_value_heads=1, **DOLMA2)),
-    "olmo3": ("allenai_dolma2.json", 100278, dict(sliding_window=6, rope_scaling={**FIXTURE_YARN, "original_max_position_embeddings": 16},
-                                                   **DOLMA2)),
-    "olmoe": ("allenai_gpt-neox-olmo-dolma-v1_5.json", 50304, dict(num_experts=8, num_experts_per_tok=2, eos_token_id=50279,
-                                                                    pad_token_id=1)),
-    "flex_olmo": ("allenai_dolma2.json", 100352, dict(num_experts=3, num_experts_per_tok=2, num_key_value_heads=1, **DOLMA2)),
-    "olmo_hybrid": ("allenai_dolma2.json", 100352, dict(linear_num_key_heads=1, linear_key_head_dim=16, **DOLMA2,
-                                                         rope_parameters={"rope_type": "default", "rope_theta": None})),
-}
-
-
-def e2e_checkpoint(family, folder, chat_template=None, max_shard_size=None):
-    """A tiny random reference model saved with a real tokenizer, as a released checkpoint folder looks."""
-    tok_file, vocab, extra = E2E[family]
-    cls, cfg = reference_classes(family)
-    config = cfg(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                 max_position_embeddings=256, **extra)
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    for name, p in model.named_parameters():  # logits that spread, so greedy picks are far from ties
-        p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
-    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    (folder / "tokenizer.json").write_bytes((TOKENIZERS / tok_file).read_bytes())
-    tok_config = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    if chat_template:
-        tok_config["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    return cls
-
-
-def run_sample(*args, stdin=None):
-    return subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), *args], capture_output=True,
-                          text=True, input=stdin, timeout=300)
-
-
-def as_read(text):
-    """text as run_sample reads it back from a pipe (universal newlines: "\\r\\n" and "\\r" become "\\n")."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
-    """The reference's greedy generate(): the new ids, without the final end-of-text if it stopped there."""
-    model = cls.from_pretrained(folder, dtype=dtype).eval()
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos or model.config.eos_token_id)
-    new = out[0, len(ids):].tolist()
-    return new[:-1] if new and new[-1] in ([eos] if isinstance(eos, int) else eos or [model.config.eos_token_id]) else new
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("case", CASES)
+def test_quantized_logits_match_the_fake_quantized_math(case, mode):
+    # in float32 the quantized model computes what rounding its weights does (to 3e-6..7e-6 here; the hybrid's
+    # recurrence carries the last bits further: 6e-5), so its logits move from the float32 reference by that
+    # rounding's error and no more; in bfloat16 by at most 1.5x that plus the reference's own bfloat16 error (live)
+    ids = reference(case)["input_ids"]
+    ref16, ref32 = live_reference(case, torch.bfloat16), live_reference(case, torch.float32)
+    fq = fake_quantized(load(case), 8 if mode == "int8" else 4)(ids)[0]
+    fq_error = max_diff(fq, ref32.logits)
+    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize=mode)
+    left = [name for name, m in ours.named_modules() if type(m) is olmo.Linear]  # routers, a tied head
+    assert all(name.endswith("mlp.gate") or name == "lm_head" and ours.config.tie_word_embeddings for name in left)
+    assert max_diff(ours(ids)[0], fq) < (HYBRID_STEP_TOL if case == "olmo_hybrid" else F32_TOL)
+    bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
+    logits = skip_on_torch_sdpa_bug(bf16, ids)[0]
+    assert max_diff(logits, ref32.logits) <= 1.5 * fq_error + max_diff(ref16.logits, ref32.logits)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,extra", [("olmo", "float32", []), ("olmo2", "float32", []),
-                                                ("olmo2", "bfloat16", []), ("olmo3", "float32", []),
-                                                ("olmo3", "float32", ["--compile"]), ("olmoe", "float32", []),
-                                                ("flex_olmo", "bfloat16", []), ("olmo_hybrid", "float32", [])])
-def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path):
-    # the mixtures of experts are saved in shards, as the released ones are
-    cls = e2e_checkpoint(family, tmp_path, max_shard_size="2MB" if family in ("olmoe", "flex_olmo") else None)
-    if family in ("olmoe", "flex_olmo"):
-        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    prompt = "The history of the  Open Language Model ist ganz 日本語 interessant:"
-    ids = tok.encode(prompt).ids
-    r = run_sample("--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40",
-                   "--dtype", dtype, "--device", "cpu", *extra)
-    assert r.returncode == 0, r.stderr
-    assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
-    if dtype == "float32":  # float32 greedy text is the reference's, token for token
-        new = reference_greedy(cls, tmp_path, ids, 40)
-        assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
-        assert r.stdout == as_read(prompt + tok.decode(new, skip_special_tokens=False) + "\n")
-        return
-    # bfloat16: we decode with torch.mv where the reference calls F.linear, so a last bit can differ, and on random
-    # weights two tokens can be that close. The text is ours (sample.generate in this process, what sample.py
-    # printed), and every token of it must be the reference's choice given the same text before it, wherever the
-    # reference's top two are further apart than its own bfloat16 error
-    model = olmo.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    eos = model.config.eos_token_id
-    new = list(sample.generate(model, ids, 40, stop_ids={eos}))
-    new = new[:-1] if new[-1] == eos else new
-    # (decoded by Python, as sample.py prints: the tokenizers library replaces a broken UTF-8 sequence differently)
-    assert len(new) > 20 and r.stdout == as_read(prompt + olmo.load_tokenizer(tmp_path).decode(new) + "\n")
-    assert_greedy_as_the_reference(cls, tmp_path, ids, new)
+def test_quantized_greedy_text_keeps_the_float32_choices():
+    # on the trained tiny OLMo (notebooks/tiny_olmo): sample.py --quantize int8 prints what generate() computes, and
+    # each token of int8's greedy text is the float32 model's choice given the same text before it, wherever the
+    # float32 model's top two logits are further apart than int8 can move them: its weights' rounding (the
+    # fake-quantized model's error) plus bfloat16's (the bfloat16 model's error), both measured on that text
+    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
+    tokenizer = olmo.load_tokenizer(folder)
+    r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64",
+                   "--dtype", "bfloat16", "--quantize", "int8")
+    assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
+    load_as = lambda dtype, q=None: olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q)
+    int8, int8_f32, f32, bf16 = load_as(torch.bfloat16, "int8"), load_as(torch.float32, "int8"), load_as(torch.float32), load_as(torch.bfloat16)
+    fq = fake_quantized(f32, 8)
+    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(int8, tokenizer.encode("Return the"), 64))) + "\n"
+    clear = total = 0
+    for prompt in ["Return the", "The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
+        ids = tokenizer.encode(prompt)
+        for model, truth, limit in [(int8, f32, None), (int8_f32, fq, 1e-4)]:
+            new = list(sample.generate(model, ids, 64))
+            seq = torch.tensor([ids + new])
+            at = lambda m: m(seq)[0][0, len(ids) - 1:-1].float()  # the logits that chose each new token
+            expected = at(truth)
+            if limit is None:  # int8 weights and bfloat16 activations against float32
+                limit = (at(fq) - expected).abs().amax(-1) + (at(bf16) - expected).abs().amax(-1)
+                assert max_diff(at(model), expected) <= 1.5 * limit.max()
+            top = expected.topk(2, -1)
+            decided = top.values[:, 0] - top.values[:, 1] > 2 * limit  # each logit may move by limit
+            assert torch.equal(torch.tensor(new)[decided], top.indices[decided, 0]), prompt
+            clear, total = clear + decided.sum().item(), total + len(new)
+    assert clear > 0.75 * total, (clear, total)
 
 
-def assert_greedy_as_the_reference(cls, folder, prompt_ids, new):
-    """Teacher-forced: the reference reads prompt + new in bfloat16 and float32; each new token must be its bfloat16
-    argmax where the top two logits are further apart than its bfloat16 logits are from its float32 ones there."""
-    seq = torch.tensor([prompt_ids + new])
-    logits = {dtype: cls.from_pretrained(folder, dtype=dtype).eval()(input_ids=seq).logits[0, len(prompt_ids) - 1:-1].float()
-              for dtype in (torch.bfloat16, torch.float32)}
-    error = (logits[torch.bfloat16] - logits[torch.float32]).abs().amax(-1)  # (len(new),)
-    top = logits[torch.bfloat16].topk(2, -1)
-    clear = top.values[:, 0] - top.values[:, 1] > error
-    assert clear.sum() >= len(new) // 2, (clear.sum(), error)
-    wrong = [i for i in range(len(new)) if clear[i] and new[i] != top.indices[i, 0]]
-    assert not wrong, f"new tokens {wrong} are not the reference's clear choice"
+def test_quantization_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        olmo.quantize(load("olmo2"), "int3")
+    with pytest.raises(ValueError, match="int4 uses PyTorch's CPU kernel"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize="int4")
+    with pytest.raises(ValueError, match="not combined with tensor parallelism"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "int8"]])
-def test_bench_runs_and_reports(extra):
-    # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
-                        "--dtype", "float32", "--device", "cpu", "--rounds", "1", "--new-tokens", "4",
-                        "--prefill-len", "8", "--batch", "2", "--parts", "inprocess", *extra],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
-    with_reference = not extra and importlib.util.find_spec("transformers") is not None
-    assert ("transformers" in lines[-1]) == with_reference
-    assert any(line.startswith("peak RSS GB") for line in lines) and "linear layers alone" in r.stdout
-    assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
+# ---- tensor parallelism ----------------------------------------------------------------------------------------
 
-
-@pytest.mark.slow
-def test_bench_whole_processes_run_and_report(tmp_path):
-    # sample.py and the transformers script as whole processes, bf16 and int8 (int8's peer needs torchao)
-    e2e_checkpoint("olmo2", tmp_path)
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(tmp_path),
-                        "--parts", "processes", "--variants", "bf16,int8", "--process-rounds", "1", "--new-tokens", "6",
-                        "--prefill-len", "32"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    key = r.stdout.strip().splitlines()[-1]
-    assert key.startswith("KEY processes") and "bf16" in key and "x transformers" in key and "x our bf16" in key
-    assert "olmo.py int8" in r.stdout and "transformers bf16" in r.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])
-def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
-    e2e_checkpoint(family, tmp_path, chat_template=template)
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    messages = [{"role": "user", "content": "What is 2+2?"}]
-    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    template_text, specials = sample.chat_template(tmp_path)
-    assert sample.render_chat(template_text, specials, messages) == expected
-    tokenizer = olmo.load_tokenizer(tmp_path)
-    assert tokenizer.encode(expected) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                                return_dict=False)
-
-
-@pytest.mark.slow
-def test_chat_generation_stops_at_end_of_turn(tmp_path):
-    cls = e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
-    tokenizer = olmo.load_tokenizer(tmp_path)
-    im_end = tokenizer.added["<|im_end|>"]
-    config = olmo.read_config(tmp_path)
-    assert sample.stop_ids(tmp_path, config, tokenizer, chat=True) == {100257, im_end}
-    prompt = "Hello there"
-    text = sample.render_chat(CHATML, {}, [{"role": "user", "content": prompt}])
-    new = reference_greedy(cls, tmp_path, tokenizer.encode(text), 30, eos=[100257, im_end])
-    r = run_sample("--model", str(tmp_path), "--chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30",
-                   "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == tokenizer.decode(new) + "\n"  # only the reply is printed
-
-
-# ---- a conversation (sample.py --chat without --prompt) -----------------------------------------------------
-
-# like a Think model's template, which drops the reasoning from earlier replies: the history renders differently
-# from what was generated, so the cache must be rewound to where the two part
-TRUNCATING = CHATML.replace("m['content'] + '<|im_end|>", "(m['content'][:7] if m['role'] == 'assistant' else m['content']) + '<|im_end|>")
-MESSAGES = ["Hello there!", "What is the capital of France?", "Tell me more about it."]
-
-
-def reference_conversation(cls, folder, messages, n, system=None):
-    """Each reply as the reference makes it: greedy generate() on apply_chat_template of the history so far."""
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
-    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>") if t in tok.get_vocab()]
-    history, replies, lengths = [{"role": "system", "content": system}] if system else [], [], []
-    for message in messages:
-        history.append({"role": "user", "content": message})
-        ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
-        lengths.append(len(ids))
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stops)
-        new = out[0, len(ids):].tolist()
-        replies.append(tok.decode(new[:-1] if new[-1] in stops else new, skip_special_tokens=False))
-        history.append({"role": "assistant", "content": replies[-1]})
-    return replies, lengths
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3"), (TRUNCATING, "olmo2")],
-                         ids=["tulu", "chatml", "truncating"])
-def test_conversation_equals_reference_turn_by_turn(template, family, tmp_path):
-    cls = e2e_checkpoint(family, tmp_path, chat_template=template)
-    expected, lengths = reference_conversation(cls, tmp_path, MESSAGES, 12, system="Be brief.")
-    r = run_sample("--model", str(tmp_path), "--chat", "--system", "Be brief.", "--temperature", "0",
-                   "--max-new-tokens", "12", "--dtype", "float32", stdin="\n".join(MESSAGES) + "\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(reply + "\n" for reply in expected)
-    assert r.stderr.count("decode ") == 3  # a statistics line per reply
-    # the cache: turns 2 and 3 feed only what follows the prefix that the cache holds, where it can be rewound to
-    # where the new rendering parts from what was fed (the reply as generated and as tokenized again can differ);
-    # olmo3's sliding layers keep rings of 6 here, which have wrapped: those turns are computed again
-    fed = [int(n) for n in re.findall(r"prompt (\d+) tokens", r.stderr)]
-    assert fed[0] == lengths[0]
-    assert (fed[1] < lengths[1] and fed[2] < lengths[2]) if family == "olmo2" else fed[1:] == lengths[1:]
-
-
-@pytest.mark.parametrize("template,family", [(CHATML, "olmo3"), (TRUNCATING, "olmo3"), (CHATML, "olmo_hybrid")],
-                         ids=["chatml", "truncating", "hybrid"])
-def test_cached_conversation_equals_recomputing_every_turn(template, family, tmp_path, monkeypatch, capsys):
-    e2e_checkpoint(family, tmp_path, chat_template=template)
-    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
-    args = sample.parse_args(["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "10",
-                              "--device", "cpu"])[1]
-    stops = sample.stop_ids(tmp_path, model.config, tokenizer, True)
-    outputs = []
-    for keep_cache in (True, False):
-        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(MESSAGES) + "\n"))
-        assert sample.converse(model, tokenizer, template, {}, args, stops, None, keep_cache) == 0
-        outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) >= 3
-
-
-def test_conversation_keeps_an_interrupted_reply(tmp_path, monkeypatch, capsys):
-    # Ctrl-C during a reply stops it; the partial reply stays in the history, and the conversation goes on
-    e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
-    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
-    args = sample.parse_args(["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "10"])[1]
-    generate, histories = sample.generate, []
-
-    def interrupted_after_3(*a, **k):
-        for i, token in enumerate(generate(*a, **k)):
-            if i == 3 and not histories[1:]:
-                raise KeyboardInterrupt
-            yield token
-    monkeypatch.setattr(sample, "generate", interrupted_after_3)
-    render = sample.render_chat
-    monkeypatch.setattr(sample, "render_chat", lambda t, s, messages: histories.append(list(messages)) or render(t, s, messages))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("First\nSecond\n"))
-    assert sample.converse(model, tokenizer, CHATML, {}, args, sample.stop_ids(tmp_path, model.config, tokenizer, True), None) == 0
-    out, err = capsys.readouterr()
-    assert "interrupted; " in err and len(histories) == 2
-    partial = out.splitlines()[0]
-    assert histories[1][:2] == [{"role": "user", "content": "First"}, {"role": "assistant", "content": partial}]
-    assert len(tokenizer.encode(partial)) == 3
-
-
-@pytest.mark.slow
-def test_conversation_commands_and_a_full_context(tmp_path):
-    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
-    common = ["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32"]
-    r = run_sample(*common, stdin="Hello\n/reset\nHello\n/system Be nice.\n\n/quit\nnot read\n")
-    assert r.returncode == 0, r.stderr
-    first, second = r.stdout.splitlines()[:2]
-    assert first == second and len(r.stdout.splitlines()) == 2  # /reset: the same first turn again; /quit ends
-    assert "(a new conversation)" in r.stderr and "system message: 'Be nice.'" in r.stderr
-    # the first turn is 13 tokens: its reply fills the remaining 5 of 18; the second turn does not fit
-    r = run_sample(*common, "--max-context", "18", stdin="Hi\nHi again\n")
-    assert r.returncode == 0, r.stderr
-    assert "decode 5 tokens" in r.stderr and "(the context is full: /reset starts a new conversation)" in r.stderr
-    assert "the context holds 18 (--max-context): /reset starts a new one" in r.stderr
-
-
-@pytest.mark.slow
-def test_conversation_in_a_terminal_ends_with_ctrl_d(tmp_path):
-    import pty
-    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
-    leader, follower = pty.openpty()
-    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--chat",
-                          "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"],
-                         stdin=follower, stdout=follower, stderr=subprocess.PIPE, text=True)
-    os.close(follower)
-    seen = b""
-    while seen.count(b"> ") < 1:  # the prompt, once the model is loaded
-        seen += os.read(leader, 1024)
-    os.write(leader, b"Hello\n")
-    while seen.count(b"> ") < 2:  # the reply, then the prompt again
-        seen += os.read(leader, 1024)
-    os.write(leader, b"\x04")  # Ctrl-D
-    assert p.wait(timeout=60) == 0
-    assert "/reset starts a new conversation" in p.stderr.read()
-    os.close(leader)
-
-
-def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):
-    tokenizer = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
-    text = "naïve 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ok 👨‍👩‍👧 日本"
-    ids = tokenizer.encode(text)
-    pieces = [tokenizer.decode_bytes([i]) for i in ids]
-    assert any(b"\xef\xbf\xbd" in p or not _valid_utf8(p) for p in pieces)  # some tokens split a character
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: iter(ids))
-    writes = []
-    monkeypatch.setattr(sys, "stdout", type("W", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
-    args = sample.parse_args(["--model", "x", "--device", "cpu", "--max-new-tokens", str(len(ids))])[1]
-    model = load("olmo2")
-    assert sample.stream(model, tokenizer, [5], args, set(), None) == (ids, False)  # every token, not interrupted
-    assert "".join(writes) == text + "\n"
-    assert not any("\ufffd" in w for w in writes)
-
-
-def _valid_utf8(b):
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {sample.sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
-    assert sample.sample_next(logits, 0).item() == 0
-    assert draws(top_k=2) == {0, 1}
-    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...: top_p=0.8 needs the first two, 0.6 only the first
-    assert p[0] < 0.8 < p[0] + p[1]
-    assert draws(top_p=0.8) == {0, 1}
-    assert draws(top_p=0.6) == {0}
-    assert draws() == {0, 1, 2, 3, 4}
-
-
-@pytest.mark.slow
-def test_prompt_from_stdin_and_file(tmp_path):
-    e2e_checkpoint("olmo2", tmp_path)
-    (tmp_path / "p.txt").write_text("From a file")
-    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"]
-    a = run_sample(*common, "--prompt-file", str(tmp_path / "p.txt"))
-    b = run_sample(*common, "--prompt", "-", stdin="From a file")
-    assert a.returncode == 0 and a.stdout.startswith("From a file") and a.stdout == b.stdout
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--device", "tpu"], "--device tpu"),
-    (["--dtype", "float8"], "invalid choice: 'float8'"),
-    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
-    (["--max-new-tokens", "300"], "exceeds the model's context of 256 tokens"),
-    (["--chat"], "has no chat template"),
-])
-@pytest.mark.slow
-def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
-    e2e_checkpoint("olmo2", tmp_path)
-    r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
-    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
-    assert re.search(message, r.stderr), r.stderr
-
-
-@pytest.mark.slow
-def test_bad_model_is_a_one_line_error(tmp_path):
-    r = run_sample("--model", str(tmp_path / "missing"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
-
-
-# ---- tensor parallelism ------------------------------------------------------------------------------------
 
 TP_WORKER = """
 import sys, torch, olmo
@@ -1529,11 +1168,397 @@ def test_torchrun_sample_generates_the_single_process_text(tmp_path):
     assert r.stdout == single.stdout  # rank 0 prints, once
 
 
+# ---- tokenizer -------------------------------------------------------------------------------------------------
+
+
+CORPUS = "\n".join([
+    "The quick brown fox jumps over the lazy dog. It's 9:30am; we'll see—don't you think? I'M SURE they'd agree.",
+    Path(__file__).read_text()[:4000],  # code
+    "def f(x):\n\tif x  >  0:\n\t\treturn   x**2\n\n\n    # indented comment   \r\n",
+    " " * 2 + "a" + " " * 7 + "b" + " " * 24 + "c" + " " * 25 + "d" + " " * 49 + "e\u00a0f\u2003g\u3000h",
+    "0 12 345 6789 3.14159 1,000,000 2026-11-26 +44 (0)20 7946 0958 ½ ² ٣٤٥",
+    "日本語のテキストです。中文文本，标点符号！한국어 텍스트입니다. ภาษาไทย Ελληνικά Русский текст",
+    "emoji 😀👍🏽👨‍👩‍👧‍👦🇫🇷 ✓ ∑ ∫ → ≠ ∞",
+    "RTL: مرحبا بالعالم، كيف حالك؟ שלום עולם! Mixed עברית and English.",
+    "combining: cafe\u0301 e\u0301\u0302 n\u0303 A\u030a \u1e9b\u0323 Å Ω",
+    "special: <|endoftext|> after <|pad|> and <|im_start|>user\nhi<|im_end|> |||EMAIL_ADDRESS||| <|padding|>",
+    "URLs https://example.com/a?b=c&d=e#f and emails someone@example.org",
+])
+
+
+@pytest.mark.parametrize("name", ["allenai_dolma2.json", "allenai_gpt-neox-olmo-dolma-v1_5.json",
+                                  "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"])
+def test_tokenizer_matches_the_tokenizers_library(name):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = TOKENIZERS / name
+    ours, ref = olmo.load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
+    for text in [CORPUS, *CORPUS.split("\n")]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text).ids, text[:60]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert ours.eos_token_id == {"allenai_dolma2.json": 100257}.get(name, 50279 if "v1_5" in name else 0)
+
+
+def test_tokenizer_errors_and_eos_from_tokenizer_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        olmo.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
+        olmo.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes((TOKENIZERS / "allenai_dolma2.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|pad|>"}}))
+    assert olmo.load_tokenizer(tmp_path).eos_token_id == 100277
+
+
+# ---- sample.py -------------------------------------------------------------------------------------------------
+
+
+def as_read(text):
+    """text as run_sample reads it back from a pipe (universal newlines: "\\r\\n" and "\\r" become "\\n")."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
+    """The reference's greedy generate(): the new ids, without the final end-of-text if it stopped there."""
+    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos or model.config.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] in ([eos] if isinstance(eos, int) else eos or [model.config.eos_token_id]) else new
+
+
+def assert_greedy_as_the_reference(cls, folder, prompt_ids, new):
+    """Teacher-forced: the reference reads prompt + new in bfloat16 and float32; each new token must be its bfloat16
+    argmax where the top two logits are further apart than its bfloat16 logits are from its float32 ones there."""
+    seq = torch.tensor([prompt_ids + new])
+    logits = {dtype: cls.from_pretrained(folder, dtype=dtype).eval()(input_ids=seq).logits[0, len(prompt_ids) - 1:-1].float()
+              for dtype in (torch.bfloat16, torch.float32)}
+    error = (logits[torch.bfloat16] - logits[torch.float32]).abs().amax(-1)  # (len(new),)
+    top = logits[torch.bfloat16].topk(2, -1)
+    clear = top.values[:, 0] - top.values[:, 1] > error
+    assert clear.sum() >= len(new) // 2, (clear.sum(), error)
+    wrong = [i for i in range(len(new)) if clear[i] and new[i] != top.indices[i, 0]]
+    assert not wrong, f"new tokens {wrong} are not the reference's clear choice"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,dtype,extra", [("olmo", "float32", []), ("olmo2", "float32", []),
+                                                ("olmo2", "bfloat16", []), ("olmo3", "float32", []),
+                                                ("olmo3", "float32", ["--compile"]), ("olmoe", "float32", []),
+                                                ("flex_olmo", "bfloat16", []), ("olmo_hybrid", "float32", [])])
+def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path):
+    # the mixtures of experts are saved in shards, as the released ones are
+    cls = e2e_checkpoint(family, tmp_path, max_shard_size="2MB" if family in ("olmoe", "flex_olmo") else None)
+    if family in ("olmoe", "flex_olmo"):
+        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    prompt = "The history of the  Open Language Model ist ganz 日本語 interessant:"
+    ids = tok.encode(prompt).ids
+    r = run_sample("--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40",
+                   "--dtype", dtype, "--device", "cpu", *extra)
+    assert r.returncode == 0, r.stderr
+    assert "prefill" in r.stderr and "decode" in r.stderr and "peak" in r.stderr
+    if dtype == "float32":  # float32 greedy text is the reference's, token for token
+        new = reference_greedy(cls, tmp_path, ids, 40)
+        assert len(new) > 20  # long enough to pass olmo3's sliding window (6) several times
+        assert r.stdout == as_read(prompt + tok.decode(new, skip_special_tokens=False) + "\n")
+        return
+    # bfloat16: we decode with torch.mv where the reference calls F.linear, so a last bit can differ, and on random
+    # weights two tokens can be that close. The text is ours (sample.generate in this process, what sample.py
+    # printed), and every token of it must be the reference's choice given the same text before it, wherever the
+    # reference's top two are further apart than its own bfloat16 error
+    model = olmo.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    eos = model.config.eos_token_id
+    new = list(sample.generate(model, ids, 40, stop_ids={eos}))
+    new = new[:-1] if new[-1] == eos else new
+    # (decoded by Python, as sample.py prints: the tokenizers library replaces a broken UTF-8 sequence differently)
+    assert len(new) > 20 and r.stdout == as_read(prompt + olmo.load_tokenizer(tmp_path).decode(new) + "\n")
+    assert_greedy_as_the_reference(cls, tmp_path, ids, new)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {sample.sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
+    assert sample.sample_next(logits, 0).item() == 0
+    assert draws(top_k=2) == {0, 1}
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...: top_p=0.8 needs the first two, 0.6 only the first
+    assert p[0] < 0.8 < p[0] + p[1]
+    assert draws(top_p=0.8) == {0, 1}
+    assert draws(top_p=0.6) == {0}
+    assert draws() == {0, 1, 2, 3, 4}
+
+
+GREEDY = dict(temperature=0.0, top_k=None, top_p=None)  # sample.stream and sample.converse: greedy replies
+
+
+def _valid_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):
+    tokenizer = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
+    text = "naïve 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ok 👨‍👩‍👧 日本"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.decode_bytes([i]) for i in ids]
+    assert any(b"\xef\xbf\xbd" in p or not _valid_utf8(p) for p in pieces)  # some tokens split a character
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: iter(ids))
+    writes = []
+    monkeypatch.setattr(sys, "stdout", type("W", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
+    model = load("olmo2")
+    assert sample.stream(model, tokenizer, [5], len(ids), GREEDY) == (ids, False)  # every token, not interrupted
+    assert "".join(writes) == text + "\n"
+    assert not any("\ufffd" in w for w in writes)
+
+
+@pytest.mark.slow
+def test_prompt_from_stdin_and_file(tmp_path):
+    e2e_checkpoint("olmo2", tmp_path)
+    (tmp_path / "p.txt").write_text("From a file")
+    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"]
+    a = run_sample(*common, "--prompt-file", str(tmp_path / "p.txt"))
+    b = run_sample(*common, "--prompt", "-", stdin="From a file")
+    assert a.returncode == 0 and a.stdout.startswith("From a file") and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+    (["--max-new-tokens", "300"], "exceeds the model's context of 256 tokens"),
+    (["--chat"], "has no chat template"),
+])
+@pytest.mark.slow
+def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
+    e2e_checkpoint("olmo2", tmp_path)
+    r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
+    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
+    assert re.search(message, r.stderr), r.stderr
+
+
+@pytest.mark.slow
+def test_bad_model_is_a_one_line_error(tmp_path):
+    r = run_sample("--model", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly(tmp_path):
+    import signal
+    e2e_checkpoint("olmo2", tmp_path)
+    cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--prompt", "Hi",
+           "--max-new-tokens", "250", "--temperature", "1", "--dtype", "float32"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.read(2) == "Hi"  # the prompt is echoed once generation starts
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; prompt 1 tokens" in err  # the stats line still comes
+
+
+TULU = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\\n' + m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
+        "{{ '<|assistant|>\\n' + m['content'] + eos_token + '\\n' }}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3")])
+def test_chat_prompt_equals_transformers_template(template, family, tmp_path):
+    e2e_checkpoint(family, tmp_path, chat_template=template)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    template_text, specials = sample.chat_template(tmp_path)
+    assert sample.render_chat(template_text, specials, messages) == expected
+    tokenizer = olmo.load_tokenizer(tmp_path)
+    assert tokenizer.encode(expected) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False)
+
+
+@pytest.mark.slow
+def test_chat_generation_stops_at_end_of_turn(tmp_path):
+    cls = e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
+    tokenizer = olmo.load_tokenizer(tmp_path)
+    im_end = tokenizer.added["<|im_end|>"]
+    config = olmo.read_config(tmp_path)
+    assert sample.stop_tokens(tmp_path, config, tokenizer, chat=True) == {100257, im_end}
+    prompt = "Hello there"
+    text = sample.render_chat(CHATML, {}, [{"role": "user", "content": prompt}])
+    new = reference_greedy(cls, tmp_path, tokenizer.encode(text), 30, eos=[100257, im_end])
+    r = run_sample("--model", str(tmp_path), "--chat", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30",
+                   "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tokenizer.decode(new) + "\n"  # only the reply is printed
+
+
+# ---- a conversation (sample.py --chat without --prompt) --------------------------------------------------------
+
+
+# like a Think model's template, which drops the reasoning from earlier replies: the history renders differently
+# from what was generated, so the cache must be rewound to where the two part
+TRUNCATING = CHATML.replace("m['content'] + '<|im_end|>", "(m['content'][:7] if m['role'] == 'assistant' else m['content']) + '<|im_end|>")
+MESSAGES = ["Hello there!", "What is the capital of France?", "Tell me more about it."]
+
+
+def reference_conversation(cls, folder, messages, n, system=None):
+    """Each reply as the reference makes it: greedy generate() on apply_chat_template of the history so far."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>") if t in tok.get_vocab()]
+    history, replies, lengths = [{"role": "system", "content": system}] if system else [], [], []
+    for message in messages:
+        history.append({"role": "user", "content": message})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+        lengths.append(len(ids))
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stops)
+        new = out[0, len(ids):].tolist()
+        replies.append(tok.decode(new[:-1] if new[-1] in stops else new, skip_special_tokens=False))
+        history.append({"role": "assistant", "content": replies[-1]})
+    return replies, lengths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template,family", [(TULU, "olmo2"), (CHATML, "olmo3"), (TRUNCATING, "olmo2")],
+                         ids=["tulu", "chatml", "truncating"])
+def test_conversation_equals_reference_turn_by_turn(template, family, tmp_path):
+    cls = e2e_checkpoint(family, tmp_path, chat_template=template)
+    expected, lengths = reference_conversation(cls, tmp_path, MESSAGES, 12, system="Be brief.")
+    r = run_sample("--model", str(tmp_path), "--chat", "--system", "Be brief.", "--temperature", "0",
+                   "--max-new-tokens", "12", "--dtype", "float32", stdin="\n".join(MESSAGES) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(reply + "\n" for reply in expected)
+    assert r.stderr.count("decode ") == 3  # a statistics line per reply
+    # the cache: turns 2 and 3 feed only what follows the prefix that the cache holds, where it can be rewound to
+    # where the new rendering parts from what was fed (the reply as generated and as tokenized again can differ);
+    # olmo3's sliding layers keep rings of 6 here, which have wrapped: those turns are computed again
+    fed = [int(n) for n in re.findall(r"prompt (\d+) tokens", r.stderr)]
+    assert fed[0] == lengths[0]
+    assert (fed[1] < lengths[1] and fed[2] < lengths[2]) if family == "olmo2" else fed[1:] == lengths[1:]
+
+
+@pytest.mark.parametrize("template,family", [(CHATML, "olmo3"), (TRUNCATING, "olmo3"), (CHATML, "olmo_hybrid")],
+                         ids=["chatml", "truncating", "hybrid"])
+def test_cached_conversation_equals_recomputing_every_turn(template, family, tmp_path, monkeypatch, capsys):
+    e2e_checkpoint(family, tmp_path, chat_template=template)
+    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
+    stops = sample.stop_tokens(tmp_path, model.config, tokenizer, True)
+    outputs = []
+    for keep_cache in (True, False):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(MESSAGES) + "\n"))
+        assert sample.converse(model, tokenizer, template, {}, None, 4096, 10, GREEDY, stops, None, keep_cache) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) >= 3
+
+
+def test_conversation_keeps_an_interrupted_reply(tmp_path, monkeypatch, capsys):
+    # Ctrl-C during a reply stops it; the partial reply stays in the history, and the conversation goes on
+    e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
+    model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
+    generate, histories = sample.generate, []
+
+    def interrupted_after_3(*a, **k):
+        for i, token in enumerate(generate(*a, **k)):
+            if i == 3 and not histories[1:]:
+                raise KeyboardInterrupt
+            yield token
+    monkeypatch.setattr(sample, "generate", interrupted_after_3)
+    render = sample.render_chat
+    monkeypatch.setattr(sample, "render_chat", lambda t, s, messages: histories.append(list(messages)) or render(t, s, messages))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First\nSecond\n"))
+    stops = sample.stop_tokens(tmp_path, model.config, tokenizer, True)
+    assert sample.converse(model, tokenizer, CHATML, {}, None, 4096, 10, GREEDY, stops) == 0
+    out, err = capsys.readouterr()
+    assert "interrupted; " in err and len(histories) == 2
+    partial = out.splitlines()[0]
+    assert histories[1][:2] == [{"role": "user", "content": "First"}, {"role": "assistant", "content": partial}]
+    assert len(tokenizer.encode(partial)) == 3
+
+
+@pytest.mark.slow
+def test_conversation_commands_and_a_full_context(tmp_path):
+    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
+    common = ["--model", str(tmp_path), "--chat", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32"]
+    r = run_sample(*common, stdin="Hello\n/reset\nHello\n/system Be nice.\n\n/quit\nnot read\n")
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()[:2]
+    assert first == second and len(r.stdout.splitlines()) == 2  # /reset: the same first turn again; /quit ends
+    assert "(a new conversation)" in r.stderr and "system message: 'Be nice.'" in r.stderr
+    # the first turn is 13 tokens: its reply fills the remaining 5 of 18; the second turn does not fit
+    r = run_sample(*common, "--max-context", "18", stdin="Hi\nHi again\n")
+    assert r.returncode == 0, r.stderr
+    assert "decode 5 tokens" in r.stderr and "(the context is full: /reset starts a new conversation)" in r.stderr
+    assert "the context holds 18 (--max-context): /reset starts a new one" in r.stderr
+
+
+@pytest.mark.slow
+def test_conversation_in_a_terminal_ends_with_ctrl_d(tmp_path):
+    import pty
+    e2e_checkpoint("olmo2", tmp_path, chat_template=TULU)
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--chat",
+                          "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"],
+                         stdin=follower, stdout=follower, stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    seen = b""
+    while seen.count(b"> ") < 1:  # the prompt, once the model is loaded
+        seen += os.read(leader, 1024)
+    os.write(leader, b"Hello\n")
+    while seen.count(b"> ") < 2:  # the reply, then the prompt again
+        seen += os.read(leader, 1024)
+    os.write(leader, b"\x04")  # Ctrl-D
+    assert p.wait(timeout=60) == 0
+    assert "/reset starts a new conversation" in p.stderr.read()
+    os.close(leader)
+
+
+# ---- bench.py --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "int8"]])
+def test_bench_runs_and_reports(extra):
+    # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
+                        "--dtype", "float32", "--device", "cpu", "--rounds", "1", "--max-new-tokens", "4",
+                        "--prefill-len", "8", "--batch", "2", "--parts", "inprocess", *extra],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
+    with_reference = not extra and importlib.util.find_spec("transformers") is not None
+    assert ("transformers" in lines[-1]) == with_reference
+    assert any(line.startswith("peak RSS GB") for line in lines) and "linear layers alone" in r.stdout
+    assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
+
+
+@pytest.mark.slow
+def test_bench_whole_processes_run_and_report(tmp_path):
+    # sample.py and the transformers script as whole processes, bf16 and int8 (int8's peer needs torchao)
+    e2e_checkpoint("olmo2", tmp_path)
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(tmp_path),
+                        "--parts", "processes", "--variants", "bf16,int8", "--process-rounds", "1", "--max-new-tokens", "6",
+                        "--prefill-len", "32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    assert key.startswith("KEY processes") and "bf16" in key and "x transformers" in key and "x our bf16" in key
+    assert "olmo.py int8" in r.stdout and "transformers bf16" in r.stdout
+
+
 # ---- the notebooks' exercises ----------------------------------------------------------------------------------
 
-sys.path.insert(0, str(Path(__file__).parent / "notebooks"))
-import checks  # noqa: E402
-import solutions  # noqa: E402
 
 WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "parameter_count": lambda c: solutions.parameter_count(c) + c.vocab_size * c.hidden_size * c.tie_word_embeddings,
@@ -1569,7 +1594,13 @@ def test_exercise_checks_pass_the_solution_and_catch_a_wrong_one(name, capsys):
 
 # ---- notebooks -------------------------------------------------------------------------------------------------
 
+
 NOTEBOOKS = sorted((Path(__file__).parent / "notebooks").glob("*.ipynb"))
+
+
+def folder_contents(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts
+            and ".ipynb_checkpoints" not in p.parts}
 
 
 def test_the_notebooks_are_committed_with_outputs_asserts_and_exercises():
@@ -1603,22 +1634,3 @@ def test_notebook_runs(path):
     before = folder_contents(path.parent)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     assert folder_contents(path.parent) == before  # a notebook run by the tests writes nothing into the repository
-
-
-def folder_contents(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts
-            and ".ipynb_checkpoints" not in p.parts}
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly(tmp_path):
-    import signal
-    e2e_checkpoint("olmo2", tmp_path)
-    cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(tmp_path), "--prompt", "Hi",
-           "--max-new-tokens", "250", "--temperature", "1", "--dtype", "float32"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.read(2) == "Hi"  # the prompt is echoed once generation starts
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err, err
-    assert "interrupted; prompt 1 tokens" in err  # the stats line still comes

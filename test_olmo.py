@@ -907,14 +907,15 @@ LOAD_PEAK = """
 import sys, torch, olmo
 def peak_kb():  # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-with torch.device("meta"):  # torch's one-time start-up memory (~70 MB of code and tables) before the baseline
-    olmo.OlmoForCausalLM(olmo.OlmoConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=1, num_key_value_heads=1))
 def rss_kb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+def load(folder):
+    return olmo.OlmoForCausalLM.from_pretrained(folder, dtype=getattr(torch, sys.argv[2]),
+                                                quantize=None if sys.argv[3] == "none" else sys.argv[3])
+# torch's one-time memory (code pages of the kernels a load runs, their tables, thread pools) before the baseline
+load(sys.argv[4])
 base, base_rss = peak_kb(), rss_kb()
-model = olmo.OlmoForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
-                                             quantize=None if sys.argv[3] == "none" else sys.argv[3])
+model = load(sys.argv[1])
 print((peak_kb() - base) * 1024, (rss_kb() - base_rss) * 1024, sum(p.nbytes for p in model.parameters()))
 """
 
@@ -922,12 +923,14 @@ print((peak_kb() - base) * 1024, (rss_kb() - base_rss) * 1024, sum(p.nbytes for 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")])
 def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
-    # a float32 checkpoint of 256 MiB, loaded as is and converted to bfloat16: loading may add to the model's own
-    # memory the one file tensor being read (when converting) and a quarter of the model at most (the allocator,
-    # threads): a second copy of the weights would add the whole model. Quantized: the file is mapped and its pages
-    # count while touched (clean page cache, which the kernel reclaims under pressure), and one layer at a time is
-    # converted. Afterwards the resident memory is the model's, within a quarter of it: the mapping released, and the
-    # allocator's freed pages handed back (without that, glibc keeps about half the int8 model here)
+    # a float32 checkpoint of 256 MiB, loaded as is and converted to bfloat16. A second copy of the weights would add
+    # the whole model; loading may add the one file tensor being read (when converting) and a quarter of the model at
+    # most (the allocator). The baseline is taken after a first load of a tiny model with the same arguments: the code
+    # pages of the kernels that loading runs count as resident memory (up to 50 MiB when they were not). Quantized:
+    # the file is mapped and its pages count while touched (clean page cache, which the kernel reclaims under
+    # pressure), and one layer at a time is converted. Afterwards the resident memory is the model's, within a quarter
+    # of it: the mapping released, and the allocator's freed pages handed back (without that, glibc keeps about half
+    # the int8 model here)
     safetensors = pytest.importorskip("safetensors.torch")
     config = olmo.OlmoConfig(model_type="olmo2", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
                              num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
@@ -935,8 +938,8 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
         names = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()}
     safetensors.save_file({k: torch.randn(s) for k, s in names.items()}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.__dict__.items() if k != "attn_implementation"}))
-    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path), dtype, quantize], capture_output=True,
-                       text=True, cwd=Path(__file__).parent)
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path), dtype, quantize, str(FIXTURES / "olmo2")],
+                       capture_output=True, text=True, cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr
     peak, resident, model_bytes = map(int, r.stdout.split())
     in_flight = 4 * max(s.numel() for s in names.values()) if dtype == "bfloat16" else 0

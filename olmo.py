@@ -565,6 +565,9 @@ class MoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)  # (N, k)
+        if x.shape[0] == 1:  # one token (decoding): its k experts in turn, without the bookkeeping below
+            out = torch.cat([self.experts[e](x) for e in chosen[0].tolist()])  # (k, d)
+            return (out * weights[0, :, None]).sum(0).view(B, T, d)
         out = x.new_zeros(x.shape[0], self.top_k, d)  # (N, k, d): each token's k weighted expert outputs
         for e in chosen.unique().tolist():  # each expert that some token chose, once, on all its tokens
             token, slot = torch.where(chosen == e)
@@ -746,9 +749,8 @@ MANY_ROWS = 32  # tokens per step from which float32 wins on those CPUs (fewer r
 
 class Linear(nn.Linear):
     """nn.Linear without bias, multiplied as fast as the CPU allows (on other devices, F.linear). Decoding one token
-    is a matrix-VECTOR product: on a CPU torch.mv streams a bfloat16 weight faster than the one-row matmul F.linear
-    runs (README, Speed), and decode speed is that stream. Not on a GPU: cuBLAS does as well either way, and torch.compile
-    turns torch.mv into slower kernels of its own."""
+    is a matrix-VECTOR product, and decode speed is how fast it streams the weight: on a CPU, see matvec. Not on a
+    GPU: cuBLAS does as well either way, and torch.compile turns torch.mv into slower kernels of its own."""
 
     def __init__(self, fan_in, fan_out):
         super().__init__(fan_in, fan_out, bias=False)
@@ -756,11 +758,24 @@ class Linear(nn.Linear):
     def forward(self, x):
         if x.device.type == "cpu":
             if x.numel() == x.shape[-1]:  # a single row
-                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+                return matvec(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
             if x.dtype == torch.bfloat16 and PROMPT_MATMUL == "float32" and x.numel() >= MANY_ROWS * x.shape[-1] \
                     and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
                 return matmul_in_float32(x, self.weight)
         return F.linear(x, self.weight)
+
+
+def matvec(weight, x):
+    """weight @ x on a CPU by PyTorch's own matrix-vector kernel, which streams the weight at memory speed. On CPUs
+    with AVX512, PyTorch otherwise hands bfloat16 products (torch.mv and F.linear alike) to oneDNN, which runs one
+    row as a small matrix product, up to 2.5x slower (README, Speed); oneDNN stays on for everything else (prompts)."""
+    if torch.compiler.is_compiling():  # the compiler makes kernels of its own
+        return torch.mv(weight, x)
+    was, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:
+        return torch.mv(weight, x)
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 FLOAT32_BLOCK = 1 << 24  # elements of weight converted at a time: 64 MB, allocated once

@@ -543,6 +543,14 @@ def test_decoding_reads_only_the_chosen_experts():
         assert sorted(e for j, e, _ in calls if j == i) == sorted(chosen)
 
 
+@pytest.mark.parametrize("case", MOE)
+def test_one_token_through_its_experts_equals_the_batched_path(case):
+    # batch 1, one token a step: the mixture's decoding path (the token's k experts in turn) against the full forward
+    model, ids = load(case), reference(case)["input_ids"][:1]
+    stepped, _ = decode_in_chunks(model, ids, [1] * ids.shape[1])
+    assert max_diff(stepped, model(ids)[0]) < F32_TOL
+
+
 def test_olmoe_rounds_as_the_reference_in_bfloat16(monkeypatch):
     # OLMoE's RMSNorm rounds before its weight multiply, and its RoPE uses cos/sin in bfloat16: each shows only
     # in bfloat16, where our logits equal the reference's bitwise (same kernels: see the bfloat16 test above);
@@ -748,6 +756,17 @@ def test_matmul_in_float32_block_by_block(monkeypatch):
     q, s = torch.randint(-127, 128, (20, 40), dtype=torch.int8), torch.rand(20)
     expected = x.float() @ (q.float() * s[:, None]).t()
     assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
+
+
+def test_one_row_products_leave_onednn_on():
+    # matvec turns oneDNN off for its own product only, even when the product fails
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 32).bfloat16(), torch.randn(32).bfloat16()
+    expected = w.float() @ x.float()
+    assert max_diff(olmo.matvec(w, x), expected) <= expected.abs().max() / 128  # bfloat16's rounding
+    with pytest.raises(RuntimeError):
+        olmo.matvec(w, x[:31])
+    assert torch.backends.mkldnn.enabled
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])

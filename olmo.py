@@ -768,7 +768,7 @@ class Linear(nn.Linear):
 def matvec(weight, x):
     """weight @ x on a CPU by PyTorch's own matrix-vector kernel, which streams the weight at memory speed. On CPUs
     with AVX512, PyTorch otherwise hands bfloat16 products (torch.mv and F.linear alike) to oneDNN, which runs one
-    row as a small matrix product, up to 2.5x slower (README, Speed); oneDNN stays on for everything else (prompts)."""
+    row as a small matrix product, several times slower on some CPUs (README, Speed); oneDNN stays on for the rest."""
     if torch.compiler.is_compiling():  # the compiler makes kernels of its own
         return torch.mv(weight, x)
     was, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False

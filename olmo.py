@@ -1495,7 +1495,11 @@ class Tokenizer:
         return ids + self.enc.encode_ordinary(text[start:])
 
     def decode_bytes(self, ids):
-        return self.enc.decode_bytes(ids)
+        try:
+            return self.enc.decode_bytes(ids)
+        except KeyError:  # an id the file has no token for decodes to nothing, as in `tokenizers`: an embedding may
+            # have more rows than its tokenizer has tokens (OLMo 2: 100352 for 100278), and a model may sample one
+            return b"".join(self.enc.decode_bytes([i]) if i < self.enc.n_vocab else b"" for i in ids)
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

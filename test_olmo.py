@@ -1218,6 +1218,8 @@ def test_tokenizer_matches_the_tokenizers_library(name):
         ids = ours.encode(text)
         assert ids == ref.encode(text).ids, text[:60]
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    padded = [ids[0], ours.enc.n_vocab + 7, ids[1]]  # an embedding row with no token (OLMo 2 has 100352 for 100278)
+    assert ours.decode(padded) == ref.decode(padded, skip_special_tokens=False) == ours.decode([ids[0], ids[1]])
     assert ours.eos_token_id == {"allenai_dolma2.json": 100257}.get(name, 50279 if "v1_5" in name else 0)
 
 

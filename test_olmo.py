@@ -4,6 +4,7 @@ and, where transformers is installed, against the reference classes directly."""
 import copy
 import importlib.util
 import io
+import dataclasses
 import json
 import math
 import os
@@ -1603,6 +1604,30 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "delta_step": lambda S, q, k, v, g, beta: (S.T @ q, S + beta * torch.outer(k, v)),  # no decay, no delta
     "state_bytes": lambda c: solutions.state_bytes(c) // 2,
 }
+
+
+RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which their checks must accept too
+    "rms_norm": lambda x, w, eps: (w.float() * x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype),
+    "olmo1_config": lambda c: dataclasses.replace(c, model_type="olmo"),
+    "state_bytes": lambda c: sum(s.S.nbytes + s.conv.nbytes for s in olmo.KVCache(c, 1, 1, 1, "meta", torch.bfloat16).layers
+                                 if isinstance(s, olmo.GDNState)),
+}
+WRONG_TOO = {  # a second mistake for each of those
+    "rms_norm": lambda x, w, eps: (w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)),  # in x's dtype throughout
+    "olmo1_config": lambda c: (setattr(c, "model_type", "olmo"), c.__post_init__(), c)[2],  # changes the given config
+    "state_bytes": lambda c: c.layer_types.count("linear_attention") * c.num_attention_heads * (  # every head count alike
+        4 * c.linear_key_head_dim * c.linear_value_head_dim
+        + 2 * (2 * c.linear_key_head_dim + c.linear_value_head_dim) * (c.linear_conv_kernel_dim - 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT_TOO))
+def test_exercise_checks_accept_another_right_answer_and_catch_a_second_wrong_one(name, capsys):
+    check = getattr(checks, f"check_{name}")
+    right = check(RIGHT_TOO[name])
+    assert right is True and capsys.readouterr().out.startswith("right")
+    assert check(WRONG_TOO[name]) is False
+    assert capsys.readouterr().out.startswith("not yet")
 
 
 @pytest.mark.parametrize("name", sorted(WRONG))

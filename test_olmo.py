@@ -1587,8 +1587,7 @@ def test_bench_whole_processes_run_and_report(tmp_path):
 
 WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "parameter_count": lambda c: solutions.parameter_count(c) + c.vocab_size * c.hidden_size * c.tie_word_embeddings,
-    "rms_norm": lambda x, w, eps: (w * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)).to(x.dtype)
-    if x.dtype == torch.float32 else (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)),
+    "olmoe_rms_norm": lambda x, w, eps: (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype),  # OLMo 2's
     "sliding_window_mask": lambda T, w: solutions.sliding_window_mask(T, None if w is None else w + 1),
     "rope": lambda x, pos, theta: solutions.rope(x.flip(-1), pos, theta).flip(-1),  # interleaved pairs, not halves
     "kv_cache_bytes": lambda c, t: 2 * c.num_key_value_heads * c.head_dim * 2 * t * c.num_hidden_layers,  # no windows
@@ -1607,13 +1606,13 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
 
 
 RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which their checks must accept too
-    "rms_norm": lambda x, w, eps: (w.float() * x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype),
+    "olmoe_rms_norm": lambda x, w, eps: (x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w,
     "olmo1_config": lambda c: dataclasses.replace(c, model_type="olmo"),
     "state_bytes": lambda c: sum(s.S.nbytes + s.conv.nbytes for s in olmo.KVCache(c, 1, 1, 1, "meta", torch.bfloat16).layers
                                  if isinstance(s, olmo.GDNState)),
 }
 WRONG_TOO = {  # a second mistake for each of those
-    "rms_norm": lambda x, w, eps: (w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)),  # in x's dtype throughout
+    "olmoe_rms_norm": lambda x, w, eps: (w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)),  # in x's dtype throughout
     "olmo1_config": lambda c: (setattr(c, "model_type", "olmo"), c.__post_init__(), c)[2],  # changes the given config
     "state_bytes": lambda c: c.layer_types.count("linear_attention") * c.num_attention_heads * (  # every head count alike
         4 * c.linear_key_head_dim * c.linear_value_head_dim

@@ -79,13 +79,13 @@ def check_parameter_count(fn):
                          for name in names])
 
 
-def check_rms_norm(fn):
-    """fn(x, weight, eps) -> OLMo 2's RMSNorm of x: float32 inside, weight multiplied in float32, rounded once."""
+def check_olmoe_rms_norm(fn):
+    """fn(x, weight, eps) -> OLMoE's RMSNorm of x: x / rms(x) in float32, rounded to x's dtype, then times weight."""
     torch.manual_seed(0)
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         x, w = (3 * torch.randn(2, 5, 64)).to(dtype), (1 + 0.3 * torch.randn(64)).to(dtype)
-        norm = olmo.RMSNorm(64, 1e-6).to(dtype)
+        norm = olmo.RMSNorm(64, 1e-6, rounds_first=True).to(dtype)
         norm.weight.data = w
         cases.append((f"x in {dtype}", (x, w, 1e-6), norm(x), _rounded_as))
     return _verdict(fn, cases)
@@ -94,7 +94,7 @@ def check_rms_norm(fn):
 def _rounded_as(got, expected):
     """float32: within 1e-6 of the largest value (the same operations written in another order, x / sqrt(...) for
     x * rsqrt(...), move the last bit). bfloat16: equal, but for last-bit ties in at most 1% of the elements;
-    rounding twice (before the weight multiply, then after) changes about a quarter of them."""
+    rounding in the other order (once, after the weight multiply) changes about a quarter of them."""
     if got.shape != expected.shape or got.dtype != expected.dtype:
         return False
     d = (got.float() - expected.float()).abs()

@@ -17,9 +17,9 @@ def parameter_count(c):
     return V * d + c.num_hidden_layers * block + (d if c.model_type != "olmo" else 0) + head
 
 
-def rms_norm(x, weight, eps):
+def olmoe_rms_norm(x, weight, eps):
     xf = x.float()
-    return (weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # ---- 02 -------------------------------------------------------------------------------------------------------

@@ -1592,8 +1592,8 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "rope": lambda x, pos, theta: solutions.rope(x.flip(-1), pos, theta).flip(-1),  # interleaved pairs, not halves
     "kv_cache_bytes": lambda c, t: 2 * c.num_key_value_heads * c.head_dim * 2 * t * c.num_hidden_layers,  # no windows
     "longest_wavelength": lambda theta, hd: 2 * math.pi * theta,
-    "top_p": lambda logits, p: solutions.top_p(logits, p - 0.05),
-    "top_k": lambda logits, k: logits.softmax(-1).topk(k).values,  # not scattered back to the vocabulary
+    "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, temperature=t, top_p=p),  # other order
+    "min_p": lambda logits, m: (lambda q: q / q.sum(-1, keepdim=True))(logits.softmax(-1) * (logits.softmax(-1) >= m)),  # absolute
     "bpe_encode": lambda piece, ranks: [ranks[bytes([b])] for b in piece],  # no merges
     "att_proj_split": lambda w, c: tuple(w.chunk(3)),  # equal thirds: wrong under GQA
     "bigram_bits_per_byte": lambda train, val: solutions.bigram_bits_per_byte(train, val) * math.log(2),  # nats

@@ -54,18 +54,17 @@ def longest_wavelength(theta, head_dim):
 
 # ---- 04 -------------------------------------------------------------------------------------------------------
 
-def top_p(logits, p):
-    probs = logits.float().softmax(-1)
+def top_p_before_temperature(logits, p, temperature):
+    probs = logits.float().softmax(-1)  # temperature 1: the distribution top-p chooses from
     sorted_probs, order = probs.sort(-1, descending=True)
     keep = sorted_probs.cumsum(-1) - sorted_probs < p  # the mass before this token has not reached p yet
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
-    return kept / kept.sum(-1, keepdim=True)
+    mask = torch.zeros_like(keep).scatter(-1, order, keep)
+    return (logits.float() / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
 
 
-def top_k(logits, k):
+def min_p(logits, min_p):
     probs = logits.float().softmax(-1)
-    values, indices = probs.topk(k, -1)
-    kept = torch.zeros_like(probs).scatter(-1, indices, values)
+    kept = probs * (probs >= min_p * probs.max(-1, keepdim=True).values)
     return kept / kept.sum(-1, keepdim=True)
 
 

@@ -1605,19 +1605,95 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
 }
 
 
+def _rope_by_halves(x, positions, theta, exponent_step=2):  # the rotation spelled out pair by pair
+    hd = x.shape[-1]
+    angle = positions[:, None].float() / theta ** (exponent_step * torch.arange(hd // 2).float() / hd)  # (T, hd/2)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+def _bpe_merge_all(piece, ranks, best=min):  # minbpe's way: merge every occurrence of the chosen pair at once
+    parts = [bytes([b]) for b in piece]
+    while True:
+        pairs = {a + b for a, b in zip(parts, parts[1:]) if a + b in ranks}
+        if not pairs:
+            return [ranks[p] for p in parts]
+        pair, merged, i = best(pairs, key=ranks.get), [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and parts[i] + parts[i + 1] == pair:
+                merged.append(pair); i += 2
+            else:
+                merged.append(parts[i]); i += 1
+        parts = merged
+
+
+def _bigram_by_bincount(train, val):
+    counts = torch.bincount(train[:-1] * 256 + train[1:], minlength=256 * 256).view(256, 256).float() + 1
+    return -(counts / counts.sum(-1, keepdim=True))[val[:-1], val[1:]].log2().mean().item()
+
+
+def _delta_step_as_projection(S, q, k, v, g, beta, decay_last=False):  # e^g (I - beta k k^T) S + beta k v^T
+    decayed = S if decay_last else S * math.exp(g)
+    S = (torch.eye(len(k)) - beta * torch.outer(k, k)) @ decayed + beta * torch.outer(k, v)
+    S = S * math.exp(g) if decay_last else S
+    return S.T @ q, S
+
+
+def _kv_cache_by_cache(c, t, heads=None):
+    cache = olmo.KVCache(c, 1, t, heads or c.num_key_value_heads, "meta", torch.bfloat16)
+    return sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
+
+
+def _renormalized(q):
+    return q / q.sum(-1, keepdim=True)
+
+
 RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which their checks must accept too
+    "parameter_count": lambda c: checks._count(c),
     "olmoe_rms_norm": lambda x, w, eps: (x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w,
+    "sliding_window_mask": lambda T, w: torch.ones(T, T, dtype=torch.bool).tril() & (
+        torch.ones(T, T, dtype=torch.bool).triu(-(w - 1)) if w is not None else True),
+    "rope": _rope_by_halves,
+    "kv_cache_bytes": _kv_cache_by_cache,
+    "longest_wavelength": lambda theta, hd: 2 * math.pi * theta ** ((hd - 2) / hd),
+    "top_p_before_temperature": lambda logits, p, t: (logits / t).masked_fill(
+        sample.filtered_probs(logits, top_p=p) == 0, float("-inf")).softmax(-1),
+    "min_p": lambda logits, m: torch.where(logits >= logits.max(-1, keepdim=True).values + math.log(m), logits,
+                                           float("-inf")).softmax(-1),
+    "bpe_encode": _bpe_merge_all,
+    "att_proj_split": lambda w, c: (w[:c.hidden_size], w[c.hidden_size:c.hidden_size + c.num_key_value_heads * c.head_dim],
+                                    w[c.hidden_size + c.num_key_value_heads * c.head_dim:]),
+    "bigram_bits_per_byte": _bigram_by_bincount,
     "olmo1_config": lambda c: dataclasses.replace(c, model_type="olmo"),
+    "routing": lambda logits, k, norm: (lambda v, i: ((v / v.sum(-1, keepdim=True)) if norm else v, i))(
+        *[t[:, :k] for t in logits.float().softmax(-1).sort(-1, descending=True)]),
+    "active_parameters": lambda c: solutions.active_parameters(dataclasses.replace(c)),
+    "delta_step": _delta_step_as_projection,
     "state_bytes": lambda c: sum(s.S.nbytes + s.conv.nbytes for s in olmo.KVCache(c, 1, 1, 1, "meta", torch.bfloat16).layers
                                  if isinstance(s, olmo.GDNState)),
 }
-WRONG_TOO = {  # a second mistake for each of those
+WRONG_TOO = {  # a second mistake for each
+    "parameter_count": lambda c: solutions.parameter_count(c) + (c.num_attention_heads - c.num_key_value_heads) * c.head_dim
+    * c.qk_norm * c.num_hidden_layers,  # k's QK-norm as wide as q's
     "olmoe_rms_norm": lambda x, w, eps: (w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)),  # in x's dtype throughout
+    "sliding_window_mask": lambda T, w: solutions.sliding_window_mask(T, w).T,  # the future instead of the past
+    "rope": lambda x, pos, theta: _rope_by_halves(x, pos, theta, exponent_step=1),  # theta^(-i/hd): half the exponent
+    "kv_cache_bytes": lambda c, t: _kv_cache_by_cache(c, t, heads=c.num_attention_heads),  # query heads, not KV heads
+    "longest_wavelength": lambda theta, hd: theta ** ((hd - 2) / hd),  # in radians per turn, not tokens
+    "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, top_p=p) ** (1 / t),  # not renormalized
+    "min_p": lambda logits, m: logits.softmax(-1) * (logits.softmax(-1) >= m * logits.softmax(-1).max()),  # not renormalized
+    "bpe_encode": lambda piece, ranks: _bpe_merge_all(piece, ranks, best=max),  # the latest merge first
+    "att_proj_split": lambda w, c: tuple(reversed(solutions.att_proj_split(w, c))),  # v, k, q
+    "bigram_bits_per_byte": lambda train, val: solutions.bigram_bits_per_byte(val, val),  # trained on the validation text
     "olmo1_config": lambda c: (setattr(c, "model_type", "olmo"), c.__post_init__(), c)[2],  # changes the given config
+    "routing": lambda logits, k, norm: solutions.routing(logits, k, True),  # always renormalized
+    "active_parameters": lambda c: solutions.active_parameters(c) - c.num_hidden_layers * (c.num_experts or 0) * c.hidden_size,
+    "delta_step": lambda S, q, k, v, g, beta: _delta_step_as_projection(S, q, k, v, g, beta, decay_last=True),
     "state_bytes": lambda c: c.layer_types.count("linear_attention") * c.num_attention_heads * (  # every head count alike
         4 * c.linear_key_head_dim * c.linear_value_head_dim
         + 2 * (2 * c.linear_key_head_dim + c.linear_value_head_dim) * (c.linear_conv_kernel_dim - 1)),
 }
+assert RIGHT_TOO.keys() == WRONG_TOO.keys() == WRONG.keys()
 
 
 @pytest.mark.parametrize("name", sorted(RIGHT_TOO))

@@ -1600,7 +1600,7 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "olmo1_config": lambda c: c,
     "routing": lambda logits, k, norm: torch.topk(logits, k, -1),  # logits, not probabilities
     "active_parameters": lambda c: checks._count(c),  # every expert, and the embedding table
-    "delta_step": lambda S, q, k, v, g, beta: (S.T @ q, S + beta * torch.outer(k, v)),  # no decay, no delta
+    "exact_write_beta": lambda S, k, v: 1.0,  # as if k were normalized
     "state_bytes": lambda c: solutions.state_bytes(c) // 2,
 }
 
@@ -1632,13 +1632,6 @@ def _bigram_by_bincount(train, val):
     return -(counts / counts.sum(-1, keepdim=True))[val[:-1], val[1:]].log2().mean().item()
 
 
-def _delta_step_as_projection(S, q, k, v, g, beta, decay_last=False):  # e^g (I - beta k k^T) S + beta k v^T
-    decayed = S if decay_last else S * math.exp(g)
-    S = (torch.eye(len(k)) - beta * torch.outer(k, k)) @ decayed + beta * torch.outer(k, v)
-    S = S * math.exp(g) if decay_last else S
-    return S.T @ q, S
-
-
 def _kv_cache_by_cache(c, t, heads=None):
     cache = olmo.KVCache(c, 1, t, heads or c.num_key_value_heads, "meta", torch.bfloat16)
     return sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
@@ -1668,7 +1661,7 @@ RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which thei
     "routing": lambda logits, k, norm: (lambda v, i: ((v / v.sum(-1, keepdim=True)) if norm else v, i))(
         *[t[:, :k] for t in logits.float().softmax(-1).sort(-1, descending=True)]),
     "active_parameters": lambda c: solutions.active_parameters(dataclasses.replace(c)),
-    "delta_step": _delta_step_as_projection,
+    "exact_write_beta": lambda S, k, v: k.norm() ** -2,
     "state_bytes": lambda c: sum(s.S.nbytes + s.conv.nbytes for s in olmo.KVCache(c, 1, 1, 1, "meta", torch.bfloat16).layers
                                  if isinstance(s, olmo.GDNState)),
 }
@@ -1688,7 +1681,7 @@ WRONG_TOO = {  # a second mistake for each
     "olmo1_config": lambda c: (setattr(c, "model_type", "olmo"), c.__post_init__(), c)[2],  # changes the given config
     "routing": lambda logits, k, norm: solutions.routing(logits, k, True),  # always renormalized
     "active_parameters": lambda c: solutions.active_parameters(c) - c.num_hidden_layers * (c.num_experts or 0) * c.hidden_size,
-    "delta_step": lambda S, q, k, v, g, beta: _delta_step_as_projection(S, q, k, v, g, beta, decay_last=True),
+    "exact_write_beta": lambda S, k, v: 1 / k.norm(),  # the norm, not its square
     "state_bytes": lambda c: c.layer_types.count("linear_attention") * c.num_attention_heads * (  # every head count alike
         4 * c.linear_key_head_dim * c.linear_value_head_dim
         + 2 * (2 * c.linear_key_head_dim + c.linear_value_head_dim) * (c.linear_conv_kernel_dim - 1)),

@@ -123,10 +123,8 @@ def active_parameters(c):
 
 # ---- 08 -------------------------------------------------------------------------------------------------------
 
-def delta_step(S, q, k, v, g, beta):
-    S = S * math.exp(g)
-    S = S + beta * torch.outer(k, v - S.T @ k)
-    return S.T @ q, S
+def exact_write_beta(S, k, v):
+    return 1 / (k @ k)  # a write scales the error S^T k - v by 1 - beta |k|^2, whatever S and v are
 
 
 def state_bytes(c):

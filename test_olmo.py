@@ -1632,13 +1632,17 @@ def _bigram_by_bincount(train, val):
     return -(counts / counts.sum(-1, keepdim=True))[val[:-1], val[1:]].log2().mean().item()
 
 
+def _top_p_by_count(logits, p, t):  # keep the n likeliest, n = 1 + how many cumulative sums stay below p
+    probs = logits.softmax(-1)[0]
+    n = 1 + int((probs.sort(descending=True).values.cumsum(0) < p).sum())
+    chosen = torch.zeros_like(probs, dtype=torch.bool)
+    chosen[probs.argsort(descending=True)[:n]] = True
+    return torch.where(chosen, logits / t, float("-inf")).softmax(-1)
+
+
 def _kv_cache_by_cache(c, t, heads=None):
     cache = olmo.KVCache(c, 1, t, heads or c.num_key_value_heads, "meta", torch.bfloat16)
     return sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
-
-
-def _renormalized(q):
-    return q / q.sum(-1, keepdim=True)
 
 
 RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which their checks must accept too
@@ -1649,8 +1653,7 @@ RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which thei
     "rope": _rope_by_halves,
     "kv_cache_bytes": _kv_cache_by_cache,
     "longest_wavelength": lambda theta, hd: 2 * math.pi * theta ** ((hd - 2) / hd),
-    "top_p_before_temperature": lambda logits, p, t: (logits / t).masked_fill(
-        sample.filtered_probs(logits, top_p=p) == 0, float("-inf")).softmax(-1),
+    "top_p_before_temperature": _top_p_by_count,
     "min_p": lambda logits, m: torch.where(logits >= logits.max(-1, keepdim=True).values + math.log(m), logits,
                                            float("-inf")).softmax(-1),
     "bpe_encode": _bpe_merge_all,
@@ -1660,7 +1663,8 @@ RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which thei
     "olmo1_config": lambda c: dataclasses.replace(c, model_type="olmo"),
     "routing": lambda logits, k, norm: (lambda v, i: ((v / v.sum(-1, keepdim=True)) if norm else v, i))(
         *[t[:, :k] for t in logits.float().softmax(-1).sort(-1, descending=True)]),
-    "active_parameters": lambda c: solutions.active_parameters(dataclasses.replace(c)),
+    "active_parameters": lambda c: checks._count(c) - c.vocab_size * c.hidden_size  # all but the embedding table
+    - c.num_hidden_layers * ((c.num_experts or 0) - (c.num_experts_per_tok or 0)) * 3 * c.hidden_size * c.intermediate_size,
     "exact_write_beta": lambda S, k, v: k.norm() ** -2,
     "state_bytes": lambda c: sum(s.S.nbytes + s.conv.nbytes for s in olmo.KVCache(c, 1, 1, 1, "meta", torch.bfloat16).layers
                                  if isinstance(s, olmo.GDNState)),

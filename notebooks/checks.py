@@ -160,11 +160,6 @@ def check_longest_wavelength(fn):
 
 # ---- 04: generation ------------------------------------------------------------------------------------------------
 
-def _top_p_mask(probs, p):  # the likeliest tokens until their mass reaches p (at least one)
-    sorted_probs, order = probs.sort(-1, descending=True)
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, sorted_probs.cumsum(-1) - sorted_probs < p)
-
-
 def check_top_p_before_temperature(fn):
     """fn(logits (1, V), p, temperature) -> the probabilities (1, V) when top-p chooses the tokens from the
     untempered distribution (temperature 1) and temperature then reshapes the kept ones, renormalized; 0 elsewhere.
@@ -173,7 +168,8 @@ def check_top_p_before_temperature(fn):
     logits = torch.randn(1, 50) * 2
     cases = []
     for p, t in [(0.5, 1.0), (0.5, 2.0), (0.9, 0.5), (0.3, 3.0)]:
-        kept = torch.where(_top_p_mask(logits.softmax(-1), p), logits / t, float("-inf")).softmax(-1)
+        chosen = sample.filtered_probs(logits, top_p=p) > 0  # the tokens top-p keeps at temperature 1
+        kept = torch.where(chosen, logits / t, float("-inf")).softmax(-1)
         cases.append((f"p = {p}, temperature {t}", (logits, p, t), kept, _close(1e-6)))
     return _verdict(fn, cases)
 
@@ -183,9 +179,8 @@ def check_min_p(fn):
     likeliest one, renormalized; 0 elsewhere."""
     torch.manual_seed(1)
     logits = torch.randn(1, 50) * 2
-    cases = []
+    probs, cases = logits.softmax(-1), []
     for m in (0.05, 0.3, 1.0):
-        probs = logits.softmax(-1)
         kept = torch.where(probs >= m * probs.max(-1, keepdim=True).values, probs, 0)
         cases.append((f"min_p = {m}", (logits, m), kept / kept.sum(-1, keepdim=True), _close(1e-6)))
     return _verdict(fn, cases)

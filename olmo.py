@@ -18,6 +18,7 @@ The generations differ in a few lines, each behind one config flag:
 """
 
 import ctypes
+import io
 import json
 import math
 import mmap
@@ -144,6 +145,8 @@ class OlmoConfig:
     def from_dict(cls, d, source="config"):
         """A Hugging Face config.json dict, transformers-4 or transformers-5 style."""
         d = dict(d)
+        if d.get("model_type") == "olmo_1124":  # what some OLMo 2 intermediate revisions on the Hub call OLMo 2
+            d["model_type"] = "olmo2"
         if d.get("model_type") not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not an OLMo model "
                              f"(expected one of {', '.join(MODEL_TYPES)})")
@@ -536,8 +539,8 @@ class OlmoForCausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.kv_heads, device or p.device, dtype or p.dtype, static)
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
-        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantize=quantize)
+    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None, revision=None):
+        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantize=quantize, revision=revision)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1023,20 +1026,23 @@ def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert):
     return convert(name, t) if convert else t
 
 
-def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantize=None):
-    """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B').
+def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantize=None, revision=None):
+    """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B'), at a
+    revision of the Hub repository if given (a branch such as 'stage1-step10000-tokens42B', a tag or a commit).
 
     A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
     model.safetensors.index.json, pytorch_model.bin (or its shards); or AI2's original layout (config.json of
-    model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt).
+    model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt); or an
+    OLMo-core training checkpoint (stepN/ with config.json and model_and_optim/).
     The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
     the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
     split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight.
     quantize "int8" or "int4": the linear layers' weights in 8 or 4 bits (read_quantized)."""
+    folder = resolve_checkpoint(name_or_folder, revision)
     if quantize is None:
-        model = read_model(name_or_folder, device, dtype, mesh)
+        model = read_model(folder, device, dtype, mesh)
     else:
-        model = read_quantized(name_or_folder, quantize, device, dtype, mesh)
+        model = read_quantized(folder, quantize, device, dtype, mesh)
     release_freed_memory()
     return model
 
@@ -1068,10 +1074,14 @@ def read_model(name_or_folder, device=None, dtype=None, mesh=None, mapped=False)
     for f in files:  # each tensor placed as it is read, so a rank never holds the whole model
         if f.suffix == ".safetensors":
             state.update(read_safetensors(f, lambda name, t: place(name, t, params.get(name), device, dtype), mapped))
+        elif f.name == ".metadata":  # float32 as trained: each tensor in dtype before the next is read
+            state.update(read_dcp(f.parent, "model.", lambda t: place("", t, None, device, dtype)))
         else:
             state.update(read_torch_checkpoint(f))
     if any(k.startswith(("transformer.", "model.transformer.")) for k in state):
         state = convert_ai2_state_dict(state, config, source)
+    elif "embeddings.weight" in state:
+        state = convert_olmo_core_state_dict(state, config, read_json(folder / "config.json"), source)
     load_weights(model, state, source, device, dtype)
     return model.eval()
 
@@ -1095,12 +1105,17 @@ def stored_dtype(name, dtype):
     return torch.float32 if name.endswith(".A_log") and dtype is not None else dtype
 
 
-def resolve_checkpoint(name_or_folder):
-    """A local folder as is; otherwise a Hub id, downloaded into (or found in) the Hugging Face cache."""
+def resolve_checkpoint(name_or_folder, revision=None):
+    """A local folder as is (an OLMo-core stepN/model_and_optim/: its stepN/); otherwise a Hub id, at revision,
+    downloaded into (or found in, offline too) the Hugging Face cache."""
     folder = Path(name_or_folder).expanduser()
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"{folder} is a file; pass the checkpoint folder that holds config.json")
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} is for Hub ids; {folder} is a local folder")
+        if (folder / ".metadata").is_file() and (folder.parent / "config.json").is_file():
+            return folder.parent
         return folder
     name = str(name_or_folder)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -1112,18 +1127,24 @@ def resolve_checkpoint(name_or_folder):
                           "`pip install huggingface_hub` (or pass a local checkpoint folder)") from None
     patterns = ["*.json", "*.safetensors", "*.jinja", "config.yaml"]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo: the Hub's own message says which
-        raise OSError(f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo or revision, gated repo: the Hub's own message says which
+        at = f" at revision {revision!r}" if revision else ""
+        raise OSError(f"could not download {name!r}{at} from the Hugging Face Hub ({type(e).__name__}: {e}). "
                       "Without a network, pass a local checkpoint folder instead.") from None
 
 
 def read_config(folder):
-    """OlmoConfig from config.json (Hugging Face, or AI2's 'hf_olmo'), or from AI2's trainer config.yaml."""
+    """OlmoConfig from config.json (Hugging Face, AI2's 'hf_olmo', or an OLMo-core experiment's), or from AI2's
+    trainer config.yaml."""
     path = folder / "config.json"
     if path.is_file():
         d = read_json(path)
-        return config_from_ai2(d, str(path)) if d.get("model_type") == "hf_olmo" else OlmoConfig.from_dict(d, str(path))
+        if d.get("model_type") == "hf_olmo":
+            return config_from_ai2(d, str(path))
+        if "model_type" not in d and isinstance(d.get("model"), dict) and "d_model" in d["model"]:
+            return config_from_olmo_core(d, str(path))
+        return OlmoConfig.from_dict(d, str(path))
     path = folder / "config.yaml"
     if path.is_file():
         try:
@@ -1173,11 +1194,11 @@ def checkpoint_files(folder):
             if missing:
                 raise FileNotFoundError(f"{folder / index} lists shard(s) that are not in the folder: {', '.join(missing)}")
             return [folder / s for s in shards], str(folder / index)
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model_and_optim/.metadata"):
         if (folder / name).is_file():
             return [folder / name], str(folder / name)
     raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json, "
-                            "pytorch_model.bin(.index.json) or model.pt")
+                            "pytorch_model.bin(.index.json), model.pt or OLMo-core's model_and_optim/")
 
 
 def read_torch_checkpoint(path):
@@ -1224,6 +1245,202 @@ def convert_ai2_state_dict(state, config, source):
                 raise ValueError(f"{source}: unexpected AI2 tensor {name}")
         else:
             raise ValueError(f"{source}: unexpected AI2 tensor {name}")
+    return out
+
+
+# OLMo-core, AI2's current trainer, saves stepN/config.json (the experiment's config: "model" is its
+# TransformerConfig) and stepN/model_and_optim/: torch.distributed.checkpoint's layout, a pickled index (.metadata)
+# and __{rank}_{n}.distcp files of torch.save'd tensors at byte offsets, each tensor in one chunk per rank that
+# saved it, the model's and the optimizer's together. Its names are its own (blocks.0.attention.w_q, ...).
+
+OLMO_CORE_NAMES = {"embeddings.weight": "model.embed_tokens.weight", "lm_head.norm.weight": "model.norm.weight",
+                   "lm_head.w_out.weight": "lm_head.weight", "attention.w_q": "self_attn.q_proj",
+                   "attention.w_k": "self_attn.k_proj", "attention.w_v": "self_attn.v_proj",
+                   "attention.w_out": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm",
+                   "attention.k_norm": "self_attn.k_norm", "attention_norm": "post_attention_layernorm",
+                   "feed_forward_norm": "post_feedforward_layernorm", "feed_forward.w1": "mlp.gate_proj",
+                   "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+                   "feed_forward_moe.router": "mlp.gate"}
+# The classes a .metadata pickle is made of. Unpickling runs whatever a pickle names, so these alone are admitted,
+# and none of them is imported: each becomes a plain record of its fields (torch.Size and dtypes are themselves).
+DCP_RECORDS = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class PickledRecord:
+    def __init__(self, *args):  # an enum's value
+        self.state = args
+
+    def __setstate__(self, state):  # a dataclass's fields (a dict), or TensorProperties' tuple
+        self.state = state
+
+
+def read_dcp_metadata(path):
+    """The index of a torch.distributed.checkpoint folder: {name: (dtype, shape, [(chunk offsets, chunk shape,
+    file, byte offset, byte length)])}, read by an unpickler that admits only DCP_RECORDS."""
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in DCP_RECORDS:
+                return type(name, (PickledRecord,), {})
+            if module == "torch" and isinstance(vars(torch).get(name), torch.dtype) or (module, name) == ("torch", "Size"):
+                return getattr(torch, name)
+            if (module, name) == ("torch.serialization", "_get_layout"):
+                return str  # the layout's name: every saved tensor is strided
+            raise pickle.UnpicklingError(f"{path} asks to load {module}.{name}, which a checkpoint index never "
+                                         "needs: refused (a pickle can run code; this one is not trusted)")
+    try:
+        with open(path, "rb") as f:
+            meta = Unpickler(f).load().state
+        where = {(i.state["fqn"], tuple(i.state["offset"])): s.state for i, s in meta["storage_data"].items()
+                 if i.state.get("offset") is not None}
+        index = {}
+        for name, entry in meta["state_dict_metadata"].items():
+            if type(entry).__name__ != "TensorStorageMetadata":
+                continue  # the optimizer's step counts, learning rates, ...
+            props = entry.state["properties"].state
+            chunks = [(tuple(c.state["offsets"]), tuple(c.state["sizes"]), where[name, tuple(c.state["offsets"])])
+                      for c in entry.state["chunks"]]
+            index[name] = (props["dtype"] if isinstance(props, dict) else props[0], tuple(entry.state["size"]),
+                           [(o, z, w["relative_path"], w["offset"], w["length"]) for o, z, w in chunks])
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a torch.distributed.checkpoint index ({type(e).__name__}: {e})") from None
+    return index
+
+
+def read_dcp(folder, prefix, convert=None):
+    """{name: tensor} of the tensors whose names start with prefix (the model's "model."), each glued from its
+    chunks and passed through convert(tensor) before the next is read; the bytes of other entries (the
+    optimizer's, two or three times the model's) are never read."""
+    index = read_dcp_metadata(folder / ".metadata")
+    state, files = {}, {}
+    try:
+        for name, (dtype, shape, chunks) in index.items():
+            if not name.startswith(prefix):
+                continue
+            t = torch.empty(shape, dtype=dtype)
+            for offsets, sizes, file, start, length in chunks:
+                if file not in files:
+                    if not (folder / file).is_file():
+                        raise FileNotFoundError(f"{folder}: {file}, which holds {name}, is missing")
+                    files[file] = open(folder / file, "rb")
+                files[file].seek(start)
+                blob = files[file].read(length)
+                if len(blob) != length:
+                    raise ValueError(f"{folder / file}: truncated ({name} needs bytes {start}..{start + length})")
+                chunk = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+                if tuple(chunk.shape) != sizes:
+                    raise ValueError(f"{folder / file}: a chunk of {name} has shape {tuple(chunk.shape)}, the index says {sizes}")
+                t[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))] = chunk
+            state[name.removeprefix(prefix)] = convert(t) if convert else t
+    finally:
+        for f in files.values():
+            f.close()
+    return state
+
+
+def config_from_olmo_core(experiment, source):
+    """OlmoConfig from an OLMo-core experiment config (its "model" a TransformerConfig as a dict). Only what
+    olmo.py computes as OLMo-core does is accepted; anything else is named and refused."""
+    c, bad = experiment["model"], []
+    check = lambda ok, what: ok or bad.append(what)
+    n, d = c["n_layers"], c["d_model"]
+    if "name" not in c["block"] or c.get("block_pattern"):  # a dict of named blocks: a hybrid
+        raise ValueError(f"{source}: blocks of several kinds (a hybrid model) are not supported from OLMo-core checkpoints")
+    blocks = [(c.get("block_overrides") or {}).get(str(i)) or c["block"] for i in range(n)]
+    mixers = [b.get("sequence_mixer") or b["attention"] for b in blocks]
+
+    def window(i, sw):  # OLMo-core's rule: the pattern repeats, after a first layer forced to full attention
+        first, last = sw.get("force_full_attention_on_first_layer", True), sw.get("force_full_attention_on_last_layer", True)
+        return -1 if first and i == 0 or last and i == n - 1 else sw["pattern"][(i - first) % len(sw["pattern"])]
+    windows = [window(i, a["sliding_window"]) if a.get("sliding_window") else -1 for i, a in enumerate(mixers)]
+    scalings = [(a.get("rope") or {}).get("scaling") for a in mixers]
+    # every layer alike but for its window and rope scaling
+    alike = lambda b, a: json.dumps({**b, "sequence_mixer": {**a, "sliding_window": 0, "rope": {**(a.get("rope") or {}), "scaling": 0}},
+                                     "attention": 0}, sort_keys=True)
+    check(len({alike(b, a) for b, a in zip(blocks, mixers)}) == 1, "layers of different shapes")
+    b, a, moe, ff = blocks[0], mixers[0], blocks[0].get("feed_forward_moe"), blocks[0].get("feed_forward")
+    rope, eps = a.get("rope") or {}, b["layer_norm"]["eps"]
+    check(b["name"] in ("reordered_norm", "moe_reordered_norm"), f"block {b['name']}")
+    check(a.get("type", "attention") == "attention" and a.get("name", "default") == "default", f"sequence mixer {a.get('name')}")
+    check(a.get("head_dim") in (None, d // a["n_heads"]), f"head_dim={a.get('head_dim')} (not d_model / n_heads)")
+    check(a.get("qk_norm") is not None, "attention without QK-norm")
+    for key in ("bias", "gate", "clip_qkv", "use_head_qk_norm", "scalable_softmax", "attention_sinks"):
+        check(not a.get(key), f"attention {key}={a.get(key)}")
+    check(rope.get("name") == "default" and rope.get("partial_rotary_factor", 1.0) == 1.0 and not rope.get("no_global_rope"),
+          f"rope {rope}")
+    for norm in (b["layer_norm"], a.get("qk_norm") or {}, c["lm_head"]["layer_norm"]):
+        check(norm.get("name") in ("rms", "fused_rms") and not norm.get("bias") and norm.get("eps") == eps, f"layer norm {norm}")
+    if moe:
+        r = moe.get("router", {})
+        check(not moe.get("shared_mlp") and not moe.get("latent_moe"), "shared or latent experts")
+        check(r.get("gating_function", "softmax") == "softmax" and r.get("normalize_expert_weights") in (None, 1)
+              and not any(r.get(k) for k in ("bias_gamma", "uniform_expert_assignment", "random_expert_assignment")), f"router {r}")
+        check(windows.count(-1) == n and not scalings[0], "sliding windows or rope scaling with experts")
+    else:
+        check(ff.get("activation", "silu") == "silu" and not ff.get("bias"), f"feed-forward {ff}")
+    check(not c.get("embedding_norm") and not c.get("embed_scale") and not c["lm_head"].get("bias"), "embedding norm or scale, or a head bias")
+    check(c.get("name", "default") in ("default", "moe"), f"transformer {c.get('name')}")
+    check(len(set(windows) - {-1}) <= 1, f"sliding windows of several sizes {set(windows) - {-1}}")
+    check(all(s is None for s, w in zip(scalings, windows) if w != -1), "rope scaling on sliding-window layers")
+    yarn = scalings[windows.index(-1)] if -1 in windows else None
+    check(len({json.dumps(s) for s, w in zip(scalings, windows) if w == -1}) <= 1, "different rope scalings on full layers")
+    check(yarn is None or yarn.get("_CLASS_", "").endswith("YaRNRoPEScalingConfig"), f"rope scaling {yarn}")
+    if bad:
+        raise ValueError(f"{source}: an OLMo-core model that olmo.py does not compute ({', '.join(sorted(set(bad)))})")
+    tokenizer = next(_find_key(experiment, "eos_token_id"), {})
+    keys = dict(vocab_size=c["vocab_size"], hidden_size=d, num_hidden_layers=n, num_attention_heads=a["n_heads"],
+                num_key_value_heads=a.get("n_kv_heads") or a["n_heads"], rope_theta=float(rope["theta"]), rms_norm_eps=eps,
+                tie_word_embeddings=c.get("tie_word_embeddings", False), eos_token_id=tokenizer.get("eos_token_id"),
+                pad_token_id=tokenizer.get("pad_token_id"))
+    if moe:
+        return OlmoConfig(model_type="flex_olmo", intermediate_size=moe["hidden_size"], num_experts=moe["num_experts"],
+                          num_experts_per_tok=moe["router"]["top_k"], norm_topk_prob=r.get("normalize_expert_weights") == 1, **keys)
+    if yarn is None and windows.count(-1) == n:
+        return OlmoConfig(model_type="olmo2", intermediate_size=ff["hidden_size"], **keys)
+    yarn = yarn and dict(rope_type="yarn", factor=yarn["factor"], original_max_position_embeddings=yarn["old_context_len"],
+                         beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"], attention_factor=0.1 * math.log(yarn["factor"]) + 1)
+    return OlmoConfig(model_type="olmo3", intermediate_size=ff["hidden_size"], sliding_window=max(windows), rope_scaling=yarn,
+                      layer_types=["full_attention" if w == -1 else "sliding_attention" for w in windows], **keys)
+
+
+def _find_key(tree, key):
+    """The dicts within a JSON tree that hold key (the tokenizer's settings in an experiment config)."""
+    if isinstance(tree, dict):
+        yield from [tree] if key in tree else []
+        for v in tree.values():
+            yield from _find_key(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _find_key(v, key)
+
+
+def convert_olmo_core_state_dict(state, config, experiment, source):
+    """OLMo-core names -> Hugging Face names. A mixture's router is one flat vector (E * d), and its experts are
+    fused in one matrix each: the default experts' w1, w2, w3 are (E * d, h), (E * h, d), (E * d, h), used as
+    x @ w; the dropless experts' all (E * h, d), used as x @ w1^T, x @ w3^T and x @ w2. Both are cut into the
+    per-expert (out, in) matrices of nn.Linear."""
+    E, d = config.num_experts, config.hidden_size
+    experts_layout = (experiment["model"]["block"].get("feed_forward_moe") or {}).get("name", "default")
+    out = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|w[123])", name)
+        if name in OLMO_CORE_NAMES:
+            out[OLMO_CORE_NAMES[name]] = t
+        elif m and m[2] == "feed_forward_moe.experts.mlp":
+            w = t.view(E, -1, t.shape[-1])  # (E, d, h) default; (E, h, d) dropless
+            if experts_layout == "default" or m[3] == "w2":
+                w = w.transpose(1, 2)
+            names = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+            out.update({f"model.layers.{m[1]}.mlp.experts.{e}.{names[m[3]]}.weight": w[e].contiguous() for e in range(E)})
+        elif m and m[2] in OLMO_CORE_NAMES:
+            out[f"model.layers.{m[1]}.{OLMO_CORE_NAMES[m[2]]}.weight"] = t.view(E, d) if m[2].endswith("router") else t
+        else:
+            raise ValueError(f"{source}: unexpected OLMo-core tensor {name}")
     return out
 
 
@@ -1506,9 +1723,19 @@ class Tokenizer:
 
 
 def load_tokenizer(folder_or_file):
-    """The Tokenizer of a checkpoint folder (its tokenizer.json, eos from tokenizer_config.json) or of a file."""
+    """The Tokenizer of a checkpoint folder (its tokenizer.json, eos from tokenizer_config.json) or of a file.
+    An OLMo-core checkpoint has none: the tokenizer its config names (e.g. allenai/dolma2-tokenizer) is fetched
+    from the Hub, or found in the Hugging Face cache."""
     path = Path(folder_or_file)
     file = path / "tokenizer.json" if path.is_dir() else path
+    if path.is_dir() and not file.is_file() and (path / "config.json").is_file():
+        named = [t["identifier"] for t in _find_key(read_json(path / "config.json"), "identifier") if "eos_token_id" in t]
+        if named:
+            try:
+                file = resolve_checkpoint(named[0]) / "tokenizer.json"
+            except (OSError, ImportError) as e:
+                raise OSError(f"{path} has no tokenizer.json, and the tokenizer its config.json names could not be "
+                              f"loaded: {e} Pass a tokenizer folder or file (sample.py --tokenizer).") from None
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}")
     eos = None

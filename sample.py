@@ -24,6 +24,10 @@ import olmo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).")
     p.add_argument("--model", default="allenai/OLMo-2-0425-1B", help="checkpoint folder or Hugging Face Hub id")
+    p.add_argument("--revision", help="with a Hub id: a branch (e.g. an intermediate checkpoint such as "
+                   "stage1-step10000-tokens42B), tag or commit")
+    p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json file or Hub id (default: the checkpoint's, "
+                   "or for an OLMo-core checkpoint the one its config names)")
     p.add_argument("--prompt", help="the prompt text; '-' reads it from stdin; empty: start a new document; "
                                      "with --chat and no prompt: a conversation, one message per line")
     p.add_argument("--prompt-file", help="read the prompt from this file")
@@ -223,8 +227,11 @@ def main(argv=None):
             torch.distributed.broadcast_object_list(seed, src=0)
             args.seed = seed[0]
     try:
-        folder = olmo.resolve_checkpoint(args.model)
-        tokenizer = olmo.load_tokenizer(folder)
+        folder = olmo.resolve_checkpoint(args.model, args.revision)
+        tokenizer_path = args.tokenizer or folder
+        if not Path(tokenizer_path).exists():  # a Hub id
+            tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
+        tokenizer = olmo.load_tokenizer(tokenizer_path)
         t0 = time.perf_counter()
         model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh,
                                                      quantize=args.quantize)

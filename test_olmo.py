@@ -1039,6 +1039,168 @@ def test_ai2_config_refuses_unreleased_architectures():
         olmo.config_from_ai2({**olmo2, "clip_qkv": 8.0}, "x")
 
 
+# ---- OLMo-core training checkpoints -----------------------------------------------------------------------------
+# fixtures/make_olmo_core_fixtures.py: AI2's trainer code (ai2-olmo-core) built these models, saved them as its
+# trainer does (two FSDP processes: every tensor in two chunks) and computed their logits.
+
+OLMO_CORE = {"olmo_core_olmo2": "olmo2", "olmo_core_olmo3": "olmo3", "olmo_core_moe": "flex_olmo",
+             "olmo_core_moe_dropless": "flex_olmo"}
+
+
+def _olmo_core_copy(tmp_path, case="olmo_core_olmo2"):
+    import shutil
+    return Path(shutil.copytree(FIXTURES / case, tmp_path / "step1"))
+
+
+@pytest.mark.parametrize("case", OLMO_CORE)
+def test_olmo_core_checkpoint_matches_olmo_core_model(case):
+    ref = reference(case)
+    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case)
+    assert model.config.model_type == OLMO_CORE[case]
+    assert_close_to_fixture(model(ref["input_ids"])[0], ref["logits"])
+
+
+def test_olmo_core_config_maps_windows_yarn_and_experts():
+    c = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo_core_olmo3" / "model_and_optim").config  # the inner folder too
+    assert c.layer_types == ["sliding_attention"] * 3 + ["full_attention"] and c.sliding_window == 4
+    assert c.rope_scaling["factor"] == 8.0 and c.rope_scaling["original_max_position_embeddings"] == 8
+    assert c.tie_word_embeddings and c.eos_token_id == 100257 and c.pad_token_id == 100277
+    m = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo_core_moe_dropless").config
+    assert (m.num_experts, m.num_experts_per_tok, m.norm_topk_prob) == (4, 2, True)
+    assert olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo_core_moe").config.norm_topk_prob is False
+
+
+def test_olmo_core_optimizer_bytes_are_never_read(tmp_path):
+    folder = _olmo_core_copy(tmp_path)
+    index = olmo.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
+    optim = [chunk for name, (_, _, chunks) in index.items() if name.startswith("optim.") for chunk in chunks]
+    assert len(optim) > 100  # AdamW's two moments per parameter and rank
+    for _, _, file, start, length in optim:  # garbage where the optimizer's tensors were
+        with open(folder / "model_and_optim" / file, "r+b") as f:
+            f.seek(start)
+            f.write(b"\xff" * length)
+    ref = reference("olmo_core_olmo2")
+    assert_close_to_fixture(olmo.OlmoForCausalLM.from_pretrained(folder)(ref["input_ids"])[0], ref["logits"])
+
+
+def test_olmo_core_checkpoint_errors_are_clear(tmp_path):
+    folder = _olmo_core_copy(tmp_path)
+    load = olmo.OlmoForCausalLM.from_pretrained
+    config = json.loads((folder / "config.json").read_text())
+    for change, message in [(dict(name="peri_norm"), "block peri_norm"),
+                            (dict(feed_forward={**config["model"]["block"]["feed_forward"], "bias": True}), "feed-forward"),
+                            (dict(sequence_mixer={**config["model"]["block"]["sequence_mixer"], "head_dim": 4}),
+                             "head_dim=4 \\(not d_model / n_heads\\)")]:
+        (folder / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "block": {**config["model"]["block"], **change}}}))
+        with pytest.raises(ValueError, match=f"config.json: an OLMo-core model that olmo.py does not compute \\(.*{message}"):
+            load(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    index = olmo.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
+    file = index["model.blocks.1.attention.w_q.weight"][2][1][2]  # rank 1's chunk
+    data = (folder / "model_and_optim" / file).read_bytes()
+    (folder / "model_and_optim" / file).write_bytes(data[:100])
+    with pytest.raises(ValueError, match=f"{file}: truncated \\(model\\."):
+        load(folder)
+    (folder / "model_and_optim" / file).unlink()
+    with pytest.raises(FileNotFoundError, match=f"model_and_optim: {file}, which holds model\\..*, is missing"):
+        load(folder)
+    (folder / "model_and_optim" / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="metadata: not a torch.distributed.checkpoint index"):
+        load(folder)
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    folder = _olmo_core_copy(tmp_path)
+    (folder / "model_and_optim" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(ValueError, match=r"asks to load (posix|nt|os)\.system, which a checkpoint index never needs: refused"):
+        olmo.OlmoForCausalLM.from_pretrained(folder)
+    assert not (tmp_path / "ran").exists()
+
+
+def _olmo_core_fixture_maker():
+    pytest.importorskip("olmo_core")
+    if str(FIXTURES) not in sys.path:  # importable by name: the saving processes it spawns import it again
+        sys.path.append(str(FIXTURES))
+    import make_olmo_core_fixtures
+    return make_olmo_core_fixtures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", OLMO_CORE)
+def test_olmo_core_live(case, tmp_path):
+    # the installed OLMo-core, other weights (seed), saved by two FSDP processes, against its own forward now
+    maker = _olmo_core_fixture_maker()
+    maker.save_checkpoint(case, tmp_path / "step1", port=_free_port())
+    ids = torch.randint(0, maker.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "step1")
+    assert max_diff(model(ids)[0], maker.reference_logits(case, ids)) <= F32_TOL
+
+
+@pytest.mark.slow
+def test_sample_runs_an_olmo_core_checkpoint(tmp_path):
+    maker = _olmo_core_fixture_maker()
+    from olmo_core.distributed.checkpoint import save_model_and_optim_state
+    from olmo_core.nn.transformer import TransformerConfig
+    config = TransformerConfig.olmo2_1M(vocab_size=100352, n_heads=2, head_dim=6)  # d_model 12: 6 per head
+    torch.manual_seed(0)
+    model = config.build(init_device="cpu").eval()
+    step = tmp_path / "step1"
+    save_model_and_optim_state(step / "model_and_optim", model)
+    (step / "config.json").write_text(json.dumps({**maker.experiment_config("olmo_core_olmo2"), "model": config.as_config_dict()}))
+    tokenizer = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
+    ids = tokenizer.encode("The capital of France")
+    for _ in range(6):  # OLMo-core's greedy continuation, without a cache
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    r = run_sample("--model", str(step), "--tokenizer", str(TOKENIZERS / "allenai_dolma2.json"), "--prompt",
+                   "The capital of France", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert as_read(r.stdout) == as_read(tokenizer.decode(ids)) + "\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(step)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "config.json names could not be loaded: could not download 'allenai/dolma2-tokenizer'" in r.stderr
+    assert "sample.py --tokenizer" in r.stderr
+
+
+def test_hub_revision_loads_offline_from_the_cache(tmp_path):
+    # a Hugging Face cache as the Hub leaves it after downloading a branch: refs/<branch> -> snapshots/<commit>/;
+    # that OLMo 2 revision calls itself model_type "olmo_1124"
+    pytest.importorskip("huggingface_hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--allenai--OLMo-2-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "stage1-step10-tokens1B").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    _folder(snapshot)
+    _edit_config(snapshot, model_type="olmo_1124")
+    script = f"""
+import sys, torch, olmo
+ref = torch.load({str(FIXTURES / "olmo2" / "reference.pt")!r})
+model = olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-2-tiny", revision="stage1-step10-tokens1B")
+print(model.config.model_type, (model(ref["input_ids"])[0] - ref["logits"]).abs().max().item() / ref["logits"].abs().max().item())
+try:
+    olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-2-tiny", revision="stage9-no-such-step")
+except OSError as e:
+    print(e)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    loaded, error = r.stdout.splitlines()[0].split(), "\n".join(r.stdout.splitlines()[1:])
+    assert loaded[0] == "olmo2" and float(loaded[1]) <= F32_RTOL
+    assert "could not download 'allenai/OLMo-2-tiny' at revision 'stage9-no-such-step'" in error
+    with pytest.raises(ValueError, match="revision='main' is for Hub ids"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", revision="main")
+
+
 # ---- weight-only quantization ----------------------------------------------------------------------------------
 
 

@@ -1197,6 +1197,9 @@ except OSError as e:
     loaded, error = r.stdout.splitlines()[0].split(), "\n".join(r.stdout.splitlines()[1:])
     assert loaded[0] == "olmo2" and float(loaded[1]) <= F32_RTOL
     assert "could not download 'allenai/OLMo-2-tiny' at revision 'stage9-no-such-step'" in error
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", "allenai/OLMo-2-tiny",
+                        "--revision", "stage9-no-such-step"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "at revision 'stage9-no-such-step'" in r.stderr
     with pytest.raises(ValueError, match="revision='main' is for Hub ids"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", revision="main")
 

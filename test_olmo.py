@@ -4,7 +4,6 @@ and, where transformers is installed, against the reference classes directly."""
 import copy
 import importlib.util
 import io
-import dataclasses
 import json
 import math
 import os
@@ -1759,10 +1758,10 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "longest_wavelength": lambda theta, hd: 2 * math.pi * theta,
     "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, temperature=t, top_p=p),  # other order
     "min_p": lambda logits, m: (lambda q: q / q.sum(-1, keepdim=True))(logits.softmax(-1) * (logits.softmax(-1) >= m)),  # absolute
-    "bpe_encode": lambda piece, ranks: [ranks[bytes([b])] for b in piece],  # no merges
+    "longest_match": lambda piece, ranks: checks._dolma2().enc.encode_ordinary(piece.decode()),  # BPE's ids
     "att_proj_split": lambda w, c: tuple(w.chunk(3)),  # equal thirds: wrong under GQA
-    "bigram_bits_per_byte": lambda train, val: solutions.bigram_bits_per_byte(train, val) * math.log(2),  # nats
-    "olmo1_config": lambda c: c,
+    "trigram_bits_per_byte": lambda train, val: solutions.trigram_bits_per_byte(train, val) * math.log(2),  # nats
+    "initial_bits_per_byte": lambda v: math.log(v),  # nats
     "routing": lambda logits, k, norm: torch.topk(logits, k, -1),  # logits, not probabilities
     "active_parameters": lambda c: checks._count(c),  # every expert, and the embedding table
     "exact_write_beta": lambda S, k, v: 1.0,  # as if k were normalized
@@ -1777,24 +1776,20 @@ def _rope_by_halves(x, positions, theta, exponent_step=2):  # the rotation spell
     return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
 
 
-def _bpe_merge_all(piece, ranks, best=min):  # minbpe's way: merge every occurrence of the chosen pair at once
-    parts = [bytes([b]) for b in piece]
-    while True:
-        pairs = {a + b for a, b in zip(parts, parts[1:]) if a + b in ranks}
-        if not pairs:
-            return [ranks[p] for p in parts]
-        pair, merged, i = best(pairs, key=ranks.get), [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and parts[i] + parts[i + 1] == pair:
-                merged.append(pair); i += 2
-            else:
-                merged.append(parts[i]); i += 1
-        parts = merged
+def _longest_match_recursive(piece, ranks, longest=True):  # the longest (or, wrongly, shortest) prefix, then the rest
+    if not piece:
+        return []
+    sizes = [n for n in range(1, len(piece) + 1) if piece[:n] in ranks]
+    n = max(sizes) if longest else min(sizes)
+    return [ranks[piece[:n]]] + _longest_match_recursive(piece[n:], ranks, longest)
 
 
-def _bigram_by_bincount(train, val):
-    counts = torch.bincount(train[:-1] * 256 + train[1:], minlength=256 * 256).view(256, 256).float() + 1
-    return -(counts / counts.sum(-1, keepdim=True))[val[:-1], val[1:]].log2().mean().item()
+def _trigram_by_counter(train, val):
+    import collections
+    three = collections.Counter(zip(train.tolist(), train[1:].tolist(), train[2:].tolist()))
+    two = collections.Counter(zip(train.tolist(), train[1:-1].tolist()))
+    v = val.tolist()
+    return sum(-math.log2((three[a, b, c] + 1) / (two[a, b] + 256)) for a, b, c in zip(v, v[1:], v[2:])) / (len(v) - 2)
 
 
 def _top_p_by_count(logits, p, t):  # keep the n likeliest, n = 1 + how many cumulative sums stay below p
@@ -1821,11 +1816,11 @@ RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which thei
     "top_p_before_temperature": _top_p_by_count,
     "min_p": lambda logits, m: torch.where(logits >= logits.max(-1, keepdim=True).values + math.log(m), logits,
                                            float("-inf")).softmax(-1),
-    "bpe_encode": _bpe_merge_all,
+    "longest_match": _longest_match_recursive,
     "att_proj_split": lambda w, c: (w[:c.hidden_size], w[c.hidden_size:c.hidden_size + c.num_key_value_heads * c.head_dim],
                                     w[c.hidden_size + c.num_key_value_heads * c.head_dim:]),
-    "bigram_bits_per_byte": _bigram_by_bincount,
-    "olmo1_config": lambda c: dataclasses.replace(c, model_type="olmo"),
+    "trigram_bits_per_byte": _trigram_by_counter,
+    "initial_bits_per_byte": lambda v: -math.log2(1 / v),
     "routing": lambda logits, k, norm: (lambda v, i: ((v / v.sum(-1, keepdim=True)) if norm else v, i))(
         *[t[:, :k] for t in logits.float().softmax(-1).sort(-1, descending=True)]),
     "active_parameters": lambda c: checks._count(c) - c.vocab_size * c.hidden_size  # all but the embedding table
@@ -1844,10 +1839,10 @@ WRONG_TOO = {  # a second mistake for each
     "longest_wavelength": lambda theta, hd: theta ** ((hd - 2) / hd),  # in radians per turn, not tokens
     "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, top_p=p) ** (1 / t),  # not renormalized
     "min_p": lambda logits, m: logits.softmax(-1) * (logits.softmax(-1) >= m * logits.softmax(-1).max()),  # not renormalized
-    "bpe_encode": lambda piece, ranks: _bpe_merge_all(piece, ranks, best=max),  # the latest merge first
+    "longest_match": lambda piece, ranks: _longest_match_recursive(piece, ranks, longest=False),  # single bytes
     "att_proj_split": lambda w, c: tuple(reversed(solutions.att_proj_split(w, c))),  # v, k, q
-    "bigram_bits_per_byte": lambda train, val: solutions.bigram_bits_per_byte(val, val),  # trained on the validation text
-    "olmo1_config": lambda c: (setattr(c, "model_type", "olmo"), c.__post_init__(), c)[2],  # changes the given config
+    "trigram_bits_per_byte": lambda train, val: solutions.trigram_bits_per_byte(val, val),  # trained on the validation text
+    "initial_bits_per_byte": lambda v: math.log2(v - 1),  # the 256 bytes, forgetting the end-of-text token
     "routing": lambda logits, k, norm: solutions.routing(logits, k, True),  # always renormalized
     "active_parameters": lambda c: solutions.active_parameters(c) - c.num_hidden_layers * (c.num_experts or 0) * c.hidden_size,
     "exact_write_beta": lambda S, k, v: 1 / k.norm(),  # the norm, not its square
@@ -1898,8 +1893,11 @@ def test_the_notebooks_are_committed_with_outputs_asserts_and_exercises():
         assert outputs and not any(o.output_type == "error" for o in outputs), path.name
         assert not any(o.get("name") == "stderr" for o in outputs), path.name  # no warnings, no progress bars
         source = "\n".join(c.source for c in cells)
-        assert source.count("assert ") >= 3, path.name  # checked against olmo.py at each stage
+        assert source.count("assert ") >= 5, path.name  # checked against olmo.py at each stage
         assert 2 <= len(re.findall(r"^check_\w+\(my_\w+\)$", source, re.M)) <= 4, path.name  # exercises
+        text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+        assert "$$" in text, path.name  # a formula, rendered
+        assert "pictures." in source and any("image/png" in o.get("data", {}) for o in outputs), path.name  # a diagram
 
 
 @pytest.mark.slow

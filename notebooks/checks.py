@@ -2,7 +2,7 @@
 not yet, and why. It returns True or False and never raises, so a notebook with unsolved exercises still runs.
 Solutions, if you are stuck: solutions.py (the tests run every check on them, and on wrong answers)."""
 
-import copy
+import math
 import sys
 from pathlib import Path
 
@@ -188,13 +188,25 @@ def check_min_p(fn):
 
 # ---- 05: checkpoints and the tokenizer ------------------------------------------------------------------------
 
-def check_bpe_encode(fn):
-    """fn(piece: bytes, ranks: {bytes: rank}) -> token ids of one pre-split piece, merging the lowest-rank pair
-    again and again."""
-    tok = olmo.load_tokenizer(Path(__file__).resolve().parent.parent / "fixtures" / "tokenizers" / "allenai_dolma2.json")
-    ranks = tok.enc._mergeable_ranks
-    words = [" tokenization", " hello", "12345", " Überraschung", " 🤗"]
-    return _verdict(fn, [(repr(w), (w.encode(), ranks), tok.enc.encode_ordinary(w), _equal) for w in words])
+def _dolma2():
+    return olmo.load_tokenizer(Path(__file__).resolve().parent.parent / "fixtures" / "tokenizers" / "allenai_dolma2.json")
+
+
+def _longest_match(piece, ranks):
+    out, i = [], 0
+    while i < len(piece):
+        j = max(j for j in range(i + 1, len(piece) + 1) if piece[i:j] in ranks)  # every byte is a token
+        out.append(ranks[piece[i:j]])
+        i = j
+    return out
+
+
+def check_longest_match(fn):
+    """fn(piece: bytes, ranks: {bytes: id}) -> ids of the longest-match tokenization: from the left, always the
+    longest token in the vocabulary that the rest of the piece starts with."""
+    ranks = _dolma2().enc._mergeable_ranks
+    words = [" hello", "12345", " mixtures", " OLMo", " Überraschung", " 🤗", "Gated"]
+    return _verdict(fn, [(repr(w), (w.encode(), ranks), _longest_match(w.encode(), ranks), _equal) for w in words])
 
 
 def check_att_proj_split(fn):
@@ -210,33 +222,28 @@ def check_att_proj_split(fn):
 
 # ---- 06: training ---------------------------------------------------------------------------------------------
 
-def _bigram_bits(train, val):
-    counts = torch.ones(256, 256)  # add-one smoothing
-    counts.index_put_((train[:-1], train[1:]), torch.ones(len(train) - 1), accumulate=True)
-    probs = counts / counts.sum(-1, keepdim=True)
-    return -probs[val[:-1], val[1:]].log2().mean().item()
+def _trigram_bits(train, val):
+    counts = torch.ones(256 ** 3)  # add-one smoothing, one count per (a, b, c)
+    counts.index_put_((train[:-2] * 65536 + train[1:-1] * 256 + train[2:],), torch.ones(len(train) - 2), accumulate=True)
+    probs = counts.view(65536, 256) / counts.view(65536, 256).sum(-1, keepdim=True)
+    return -probs[val[:-2] * 256 + val[1:-1], val[2:]].log2().mean().item()
 
 
-def check_bigram_bits_per_byte(fn):
-    """fn(train, val) -> bits per byte on val of the bigram model counted on train (both uint8-valued long
-    tensors), with add-one smoothing: P(b | a) = (count(a, b) + 1) / (count(a) + 256)."""
+def check_trigram_bits_per_byte(fn):
+    """fn(train, val) -> bits per byte on val (from its third byte on) of the trigram model counted on train (both
+    byte-valued long tensors), with add-one smoothing: P(c | a, b) = (count(a, b, c) + 1) / (count(a, b) + 256)."""
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 256, (5000,), generator=g) // 7 * 7
     val = torch.randint(0, 256, (500,), generator=g) // 7 * 7
     text = torch.tensor(list(b"the cat sat on the mat and the dog sat on the log"))
-    return _verdict(fn, [("random bytes", (train, val), _bigram_bits(train, val), lambda a, b: abs(a - b) < 1e-4),
-                         ("a sentence", (text, text), _bigram_bits(text, text), lambda a, b: abs(a - b) < 1e-4)])
+    return _verdict(fn, [("random bytes", (train, val), _trigram_bits(train, val), lambda a, b: abs(a - b) < 1e-4),
+                         ("a sentence", (text, text), _trigram_bits(text, text), lambda a, b: abs(a - b) < 1e-4)])
 
 
-def check_olmo1_config(fn):
-    """fn(config) -> the same shape with OLMo 1's block: norms before attention and MLP, no QK-norm."""
-    config = olmo.OlmoConfig(model_type="olmo2", vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
-    original = copy.deepcopy(config)  # to tell a new config from the given one changed in place
-    same_shape = lambda got, exp: (not got.norm_after and not got.qk_norm and got.hidden_size == exp.hidden_size
-                                   and got.num_hidden_layers == exp.num_hidden_layers and got.vocab_size == exp.vocab_size
-                                   and vars(config) == vars(exp))
-    return _verdict(fn, [("an OLMo 2 config, which must stay as it was", (config,), original, same_shape)])
+def check_initial_bits_per_byte(fn):
+    """fn(vocab_size) -> the loss, in bits per token, of a model that gives every token the same probability."""
+    return _verdict(fn, [(f"a vocabulary of {v}", (v,), math.log2(v), lambda a, b: abs(a - b) < 1e-9)
+                         for v in (257, 50304, 100352)])
 
 
 # ---- 07: mixture of experts -----------------------------------------------------------------------------------

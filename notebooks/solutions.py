@@ -70,14 +70,13 @@ def min_p(logits, min_p):
 
 # ---- 05 -------------------------------------------------------------------------------------------------------
 
-def bpe_encode(piece, ranks):
-    parts = [bytes([b]) for b in piece]
-    while len(parts) > 1:
-        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-        if rank == math.inf:
-            break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return [ranks[p] for p in parts]
+def longest_match(piece, ranks):
+    ids = []
+    while piece:
+        n = max(n for n in range(1, len(piece) + 1) if piece[:n] in ranks)  # the longest token the piece starts with
+        ids.append(ranks[piece[:n]])
+        piece = piece[n:]
+    return ids
 
 
 def att_proj_split(att_proj, config):
@@ -87,19 +86,16 @@ def att_proj_split(att_proj, config):
 
 # ---- 06 -------------------------------------------------------------------------------------------------------
 
-def bigram_bits_per_byte(train, val):
-    counts = torch.ones(256, 256)
-    counts.index_put_((train[:-1], train[1:]), torch.ones(len(train) - 1), accumulate=True)
+def trigram_bits_per_byte(train, val):
+    counts = torch.ones(256, 256, 256)
+    counts.index_put_((train[:-2], train[1:-1], train[2:]), torch.ones(len(train) - 2), accumulate=True)
     probs = counts / counts.sum(-1, keepdim=True)
-    return -probs[val[:-1], val[1:]].log2().mean().item()
+    return -probs[val[:-2], val[1:-1], val[2:]].log2().mean().item()
 
 
-def olmo1_config(config):
-    import copy
-    c = copy.deepcopy(config)
-    c.model_type = "olmo"
-    c.__post_init__()
-    return c
+def initial_bits_per_byte(vocab_size):
+    # small random weights give logits near 0, a softmax near uniform: -log2(1 / V) bits for whichever token came
+    return math.log2(vocab_size)
 
 
 # ---- 07 -------------------------------------------------------------------------------------------------------

@@ -213,3 +213,33 @@ def next_byte(context, predictions, n=8):
     ax.set_ylabel("probability"); ax.set_title(f"the next byte after {context!r}"); ax.legend()
     plt.tight_layout()
     return fig
+
+
+def attention_heads(probs_by_layer, labels, title):
+    """nb2: each head's attention probabilities (rows: queries, columns: keys), one row of panels per layer."""
+    rows, heads = len(probs_by_layer), len(next(iter(probs_by_layer.values())))
+    fig, axes = plt.subplots(rows, heads, figsize=(15, 4.2 * rows), layout="constrained", squeeze=False)
+    for r, (layer, probs) in enumerate(probs_by_layer.items()):
+        for h, ax in enumerate(axes[r]):
+            im = ax.imshow(probs[h], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}, head {h}", fontsize=10)
+            ax.set_xticks(range(len(labels))); ax.set_xticklabels(labels if r == rows - 1 else [], fontsize=6.5)
+            ax.set_yticks(range(len(labels))); ax.set_yticklabels(labels if h == 0 else [], fontsize=6.5)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability")
+    fig.suptitle(title)
+    return fig
+
+
+def sampling_panels(panels, labels, context):
+    """nb4: the next-token distribution as each sampling setting leaves it. panels: (title, probabilities over the
+    shown tokens, how many tokens stay possible)."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharey=True)
+    for ax, (title, p, possible) in zip(axes.flat, panels):
+        ax.bar(range(len(labels)), p, color="C0")
+        ax.set_title(f"{title}\n{possible} bytes possible, {p.sum():.0%} shown", fontsize=10)
+        ax.set_xticks(range(len(labels))); ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xlabel(f"next byte after {context!r}", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability")
+    plt.tight_layout()
+    return fig

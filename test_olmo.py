@@ -1762,7 +1762,7 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "att_proj_split": lambda w, c: tuple(w.chunk(3)),  # equal thirds: wrong under GQA
     "trigram_bits_per_byte": lambda train, val: solutions.trigram_bits_per_byte(train, val) * math.log(2),  # nats
     "initial_bits_per_byte": lambda v: math.log(v),  # nats
-    "routing": lambda logits, k, norm: torch.topk(logits, k, -1),  # logits, not probabilities
+    "capacity_kept": lambda logits, k, capacity: torch.ones(logits.shape[0], k, dtype=torch.bool),  # no capacity
     "active_parameters": lambda c: checks._count(c),  # every expert, and the embedding table
     "exact_write_beta": lambda S, k, v: 1.0,  # as if k were normalized
     "state_bytes": lambda c: solutions.state_bytes(c) // 2,
@@ -1800,6 +1800,11 @@ def _top_p_by_count(logits, p, t):  # keep the n likeliest, n = 1 + how many cum
     return torch.where(chosen, logits / t, float("-inf")).softmax(-1)
 
 
+def _capacity_by_counting(logits, k, capacity):  # pair i is kept if fewer than `capacity` earlier pairs chose its expert
+    chosen = logits.argsort(-1, descending=True)[:, :k].flatten().tolist()
+    return torch.tensor([chosen[:i].count(e) < capacity for i, e in enumerate(chosen)]).view(-1, k)
+
+
 def _kv_cache_by_cache(c, t, heads=None):
     cache = olmo.KVCache(c, 1, t, heads or c.num_key_value_heads, "meta", torch.bfloat16)
     return sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
@@ -1821,8 +1826,7 @@ RIGHT_TOO = {  # right answers written otherwise than solutions.py's, which thei
                                     w[c.hidden_size + c.num_key_value_heads * c.head_dim:]),
     "trigram_bits_per_byte": _trigram_by_counter,
     "initial_bits_per_byte": lambda v: -math.log2(1 / v),
-    "routing": lambda logits, k, norm: (lambda v, i: ((v / v.sum(-1, keepdim=True)) if norm else v, i))(
-        *[t[:, :k] for t in logits.float().softmax(-1).sort(-1, descending=True)]),
+    "capacity_kept": _capacity_by_counting,
     "active_parameters": lambda c: checks._count(c) - c.vocab_size * c.hidden_size  # all but the embedding table
     - c.num_hidden_layers * ((c.num_experts or 0) - (c.num_experts_per_tok or 0)) * 3 * c.hidden_size * c.intermediate_size,
     "exact_write_beta": lambda S, k, v: k.norm() ** -2,
@@ -1843,7 +1847,7 @@ WRONG_TOO = {  # a second mistake for each
     "att_proj_split": lambda w, c: tuple(reversed(solutions.att_proj_split(w, c))),  # v, k, q
     "trigram_bits_per_byte": lambda train, val: solutions.trigram_bits_per_byte(val, val),  # trained on the validation text
     "initial_bits_per_byte": lambda v: math.log2(v - 1),  # the 256 bytes, forgetting the end-of-text token
-    "routing": lambda logits, k, norm: solutions.routing(logits, k, True),  # always renormalized
+    "capacity_kept": lambda logits, k, capacity: solutions.capacity_kept(logits.flip(0), k, capacity).flip(0),  # the last tokens first
     "active_parameters": lambda c: solutions.active_parameters(c) - c.num_hidden_layers * (c.num_experts or 0) * c.hidden_size,
     "exact_write_beta": lambda S, k, v: 1 / k.norm(),  # the norm, not its square
     "state_bytes": lambda c: c.layer_types.count("linear_attention") * c.num_attention_heads * (  # every head count alike

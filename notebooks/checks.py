@@ -248,17 +248,21 @@ def check_initial_bits_per_byte(fn):
 
 # ---- 07: mixture of experts -----------------------------------------------------------------------------------
 
-def check_routing(fn):
-    """fn(router_logits (N, E), k, norm_topk_prob) -> (weights (N, k), experts (N, k)) as olmo.MoE routes:
-    softmax in float32, the k largest, optionally renormalized to sum to 1."""
-    torch.manual_seed(0)
-    logits = torch.randn(6, 8)
+def _capacity_kept(router_logits, k, capacity):
+    experts = router_logits.float().softmax(-1).topk(k, -1).indices.flatten()  # token by token, slot by slot
+    rank = (torch.nn.functional.one_hot(experts, router_logits.shape[-1]).cumsum(0) - 1).gather(1, experts[:, None])
+    return (rank < capacity).view(-1, k)  # the first `capacity` pairs of each expert, in that order
 
-    def expected(norm):
-        weights, experts = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), 2, -1)
-        return (weights / weights.sum(-1, keepdim=True) if norm else weights), experts
-    same = lambda got, exp: _close(1e-6)(got[0], exp[0]) and torch.equal(got[1], exp[1])
-    return _verdict(fn, [(f"norm_topk_prob={n}", (logits, 2, n), expected(n), same) for n in (False, True)])
+
+def check_capacity_kept(fn):
+    """fn(router_logits (N, E), k, capacity) -> (N, k) booleans: which of each token's k choices (in top-k order)
+    its expert accepts, when an expert takes only the first `capacity` (token, choice) pairs, token by token."""
+    torch.manual_seed(0)
+    logits = torch.randn(12, 4)
+    logits[:, 1] += 1.5  # expert 1 is popular: it overflows first
+    cases = [(f"capacity {c}", (logits, 2, c), _capacity_kept(logits, 2, c), lambda got, exp: torch.equal(got.bool(), exp))
+             for c in (3, 6, 24)]
+    return _verdict(fn, cases)
 
 
 def check_active_parameters(fn):

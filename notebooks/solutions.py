@@ -100,11 +100,16 @@ def initial_bits_per_byte(vocab_size):
 
 # ---- 07 -------------------------------------------------------------------------------------------------------
 
-def routing(router_logits, k, norm_topk_prob):
-    weights, experts = torch.topk(torch.softmax(router_logits, -1, dtype=torch.float32), k, -1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights, experts
+def capacity_kept(router_logits, k, capacity):
+    experts = torch.topk(torch.softmax(router_logits, -1, dtype=torch.float32), k, -1).indices  # (N, k)
+    taken = torch.zeros(router_logits.shape[-1], dtype=torch.long)  # pairs each expert has accepted so far
+    kept = torch.zeros(experts.shape, dtype=torch.bool)
+    for t in range(experts.shape[0]):
+        for s in range(k):
+            e = experts[t, s]
+            kept[t, s] = taken[e] < capacity
+            taken[e] += 1
+    return kept
 
 
 def active_parameters(c):

@@ -1246,6 +1246,17 @@ def test_quantized_logits_match_the_fake_quantized_math(case, mode):
     assert max_diff(logits, ref32.logits) <= 1.5 * fq_error + max_diff(ref16.logits, ref32.logits)
 
 
+@pytest.mark.parametrize("case", ["olmo_core_olmo3", "olmo_core_moe_dropless"])
+def test_olmo_core_checkpoints_load_in_bfloat16_and_quantized(case):
+    # OLMo-core saves float32: dtype converts each tensor as it is read, quantize rounds what the float32 model holds
+    ids = reference(case)["input_ids"]
+    f32 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case)
+    bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(bf16.state_dict().values(), f32.state_dict().values()))
+    int8 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="int8")
+    assert_close_to_fixture(int8(ids)[0], fake_quantized(f32, 8)(ids)[0])  # int8 kernels sum in another order
+
+
 @pytest.mark.slow
 def test_quantized_greedy_text_keeps_the_float32_choices():
     # on the trained tiny OLMo (notebooks/tiny_olmo): sample.py --quantize int8 prints what generate() computes, and

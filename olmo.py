@@ -4,8 +4,8 @@ The OLMo family in one file: the language models of AI2's Open Language Model pr
 Reading order. The dense model first, whole: config -> norms -> rotary embedding (plain and YaRN) -> attention
 -> MLP -> block -> model. Then what some families add, each in its own section: the mixture of experts (OLMoE,
 FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the runtime, which changes how fast the model computes but not
-what: fast CPU matrix products (Linear), the KV cache, torch.compile and CUDA graphs. Then the checkpoint loader,
-weight-only quantization, tensor parallelism and the tokenizer. Parameter names equal the Hugging Face checkpoint
+what: fast CPU matrix products (Linear), the KV cache, torch.compile and CUDA graphs. Then the checkpoint loader
+(and AI2's training checkpoints), weight-only quantization, tensor parallelism and the tokenizer. Parameter names equal the Hugging Face checkpoint
 names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with load_state_dict.
 
 The generations differ in a few lines, each behind one config flag:
@@ -1248,10 +1248,57 @@ def convert_ai2_state_dict(state, config, source):
     return out
 
 
-# OLMo-core, AI2's current trainer, saves stepN/config.json (the experiment's config: "model" is its
-# TransformerConfig) and stepN/model_and_optim/: torch.distributed.checkpoint's layout, a pickled index (.metadata)
-# and __{rank}_{n}.distcp files of torch.save'd tensors at byte offsets, each tensor in one chunk per rank that
-# saved it, the model's and the optimizer's together. Its names are its own (blocks.0.attention.w_q, ...).
+def load_weights(model, state, source, device=None, dtype=None):
+    """Assign checkpoint tensors (Hugging Face names) to the model's parameters, checking names and shapes."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)  # a tied checkpoint may or may not store the shared matrix twice
+        expected.pop("lm_head.weight")
+    hybrid_as_saved(state, expected)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    experts = {int(n.split(".")[5]) for n in state if re.match(r"model\.layers\.0\.mlp\.experts\.\d+\.", n)}
+    if model.config.num_experts and experts and len(experts) != model.config.num_experts:
+        raise ValueError(f"{source}: the checkpoint has {len(experts)} experts per layer (in layer 0), but the config "
+                         f"says num_experts={model.config.num_experts}")
+    if missing or unexpected:
+        listed = lambda label, names: f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
+        raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
+                         + listed("missing", missing) + listed("unexpected", unexpected))
+    for name, p in expected.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"the config expects {tuple(p.shape)}")
+        state[name] = place(name, state[name], p, device, dtype)
+    model.load_state_dict(state, assign=True, strict=not tied)
+    if tied:  # assign=True replaced the embedding Parameter; point the head at it again
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def hybrid_as_saved(state, expected):
+    """Olmo Hybrid as transformers 5.24's save_pretrained writes it, beside the Hub's layout (its loader undoes both):
+    - it renames every post_attention_layernorm to feedforward_layer_norm, in the attention layers too, where the
+      norm is the one after attention;
+    - it splits a Gated DeltaNet layer's concatenated q/k/v convolution into three EQUAL parts (e.g. 19/19/18
+      channels for widths 16/16/24) instead of at the q, k and v widths: glue them and split at the widths."""
+    for name in [n for n in state if n.endswith(".feedforward_layer_norm.weight") and n not in expected]:
+        state[name.replace("feedforward_layer_norm", "post_attention_layernorm")] = state.pop(name)
+    for name in [n for n in state if n.endswith("linear_attn.q_conv1d.weight")]:
+        names = [name.replace("q_conv1d", c) for c in ("q_conv1d", "k_conv1d", "v_conv1d")]
+        if not all(n in state and n in expected for n in names):
+            continue  # reported as missing or unexpected
+        widths = [expected[n].shape[0] for n in names]
+        parts = [state[n] for n in names]
+        if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
+            state.update(zip(names, torch.cat(parts).split(widths)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# AI2's training checkpoints. OLMo-core, AI2's current trainer, saves stepN/config.json (the experiment's config:
+# "model" is its TransformerConfig) and stepN/model_and_optim/: torch.distributed.checkpoint's layout, a pickled
+# index (.metadata) and __{rank}_{n}.distcp files of torch.save'd tensors at byte offsets, each tensor in one chunk
+# per rank that saved it, the model's and the optimizer's together. Its names are its own (blocks.0.attention.w_q).
 
 OLMO_CORE_NAMES = {"embeddings.weight": "model.embed_tokens.weight", "lm_head.norm.weight": "model.norm.weight",
                    "lm_head.w_out.weight": "lm_head.weight", "attention.w_q": "self_attn.q_proj",
@@ -1442,52 +1489,6 @@ def convert_olmo_core_state_dict(state, config, experiment, source):
         else:
             raise ValueError(f"{source}: unexpected OLMo-core tensor {name}")
     return out
-
-
-def load_weights(model, state, source, device=None, dtype=None):
-    """Assign checkpoint tensors (Hugging Face names) to the model's parameters, checking names and shapes."""
-    expected = dict(model.state_dict(keep_vars=True))
-    tied = model.config.tie_word_embeddings
-    if tied:
-        state.pop("lm_head.weight", None)  # a tied checkpoint may or may not store the shared matrix twice
-        expected.pop("lm_head.weight")
-    hybrid_as_saved(state, expected)
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    experts = {int(n.split(".")[5]) for n in state if re.match(r"model\.layers\.0\.mlp\.experts\.\d+\.", n)}
-    if model.config.num_experts and experts and len(experts) != model.config.num_experts:
-        raise ValueError(f"{source}: the checkpoint has {len(experts)} experts per layer (in layer 0), but the config "
-                         f"says num_experts={model.config.num_experts}")
-    if missing or unexpected:
-        listed = lambda label, names: f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
-        raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
-                         + listed("missing", missing) + listed("unexpected", unexpected))
-    for name, p in expected.items():
-        if tuple(state[name].shape) != tuple(p.shape):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
-                             f"the config expects {tuple(p.shape)}")
-        state[name] = place(name, state[name], p, device, dtype)
-    model.load_state_dict(state, assign=True, strict=not tied)
-    if tied:  # assign=True replaced the embedding Parameter; point the head at it again
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def hybrid_as_saved(state, expected):
-    """Olmo Hybrid as transformers 5.24's save_pretrained writes it, beside the Hub's layout (its loader undoes both):
-    - it renames every post_attention_layernorm to feedforward_layer_norm, in the attention layers too, where the
-      norm is the one after attention;
-    - it splits a Gated DeltaNet layer's concatenated q/k/v convolution into three EQUAL parts (e.g. 19/19/18
-      channels for widths 16/16/24) instead of at the q, k and v widths: glue them and split at the widths."""
-    for name in [n for n in state if n.endswith(".feedforward_layer_norm.weight") and n not in expected]:
-        state[name.replace("feedforward_layer_norm", "post_attention_layernorm")] = state.pop(name)
-    for name in [n for n in state if n.endswith("linear_attn.q_conv1d.weight")]:
-        names = [name.replace("q_conv1d", c) for c in ("q_conv1d", "k_conv1d", "v_conv1d")]
-        if not all(n in state and n in expected for n in names):
-            continue  # reported as missing or unexpected
-        widths = [expected[n].shape[0] for n in names]
-        parts = [state[n] for n in names]
-        if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
-            state.update(zip(names, torch.cat(parts).split(widths)))
 
 
 # -----------------------------------------------------------------------------------------------------------

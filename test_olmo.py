@@ -1168,6 +1168,27 @@ def test_sample_runs_an_olmo_core_checkpoint(tmp_path):
     assert "sample.py --tokenizer" in r.stderr
 
 
+def test_olmo_core_checkpoint_takes_the_tokenizer_its_config_names_from_the_cache(tmp_path):
+    # no tokenizer.json in the checkpoint: its config names allenai/dolma2-tokenizer, found in the HF cache offline
+    pytest.importorskip("huggingface_hub")
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--allenai--dolma2-tokenizer"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "tokenizer.json").write_bytes((TOKENIZERS / "allenai_dolma2.json").read_bytes())
+    script = f"""
+import olmo
+tok = olmo.load_tokenizer({str(FIXTURES / "olmo_core_olmo2")!r})
+print(tok.encode("Hello, OLMo-core!"), tok.eos_token_id)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    dolma2 = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
+    assert r.stdout.split()[-1] == "100257" and r.stdout.startswith(str(dolma2.encode("Hello, OLMo-core!")))
+
+
 def test_hub_revision_loads_offline_from_the_cache(tmp_path):
     # a Hugging Face cache as the Hub leaves it after downloading a branch: refs/<branch> -> snapshots/<commit>/;
     # that OLMo 2 revision calls itself model_type "olmo_1124"

@@ -230,7 +230,10 @@ def main(argv=None):
         folder = olmo.resolve_checkpoint(args.model, args.revision)
         tokenizer_path = args.tokenizer or folder
         if not Path(tokenizer_path).exists():  # a Hub id
-            tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
+            try:
+                tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
+            except (OSError, ImportError) as e:
+                raise type(e)(f"--tokenizer {args.tokenizer}: {e}") from None
         tokenizer = olmo.load_tokenizer(tokenizer_path)
         t0 = time.perf_counter()
         model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh,

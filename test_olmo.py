@@ -1569,6 +1569,8 @@ def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
 def test_bad_model_is_a_one_line_error(tmp_path):
     r = run_sample("--model", str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+    r = run_sample("--model", str(FIXTURES / "olmo2"), "--tokenizer", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and f"--tokenizer {tmp_path / 'missing'}: " in r.stderr
 
 
 @pytest.mark.slow

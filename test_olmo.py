@@ -2,6 +2,7 @@
 and, where transformers is installed, against the reference classes directly."""
 
 import copy
+import hashlib
 import importlib.util
 import io
 import json
@@ -1141,6 +1142,23 @@ def test_olmo_core_live(case, tmp_path):
     assert max_diff(model(ids)[0], maker.reference_logits(case, ids)) <= F32_TOL
 
 
+def _hub_snapshot(hub, repo_id, ref):
+    """A Hugging Face cache as the Hub leaves it after downloading ref of repo_id: refs/<ref> names a commit whose
+    files are in snapshots/<commit>/ (returned, empty)."""
+    commit = hashlib.sha1(f"{repo_id}@{ref}".encode()).hexdigest()
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    return repo / "snapshots" / commit
+
+
+def _run_offline(hub, *args):
+    """python *args in a fresh process with no network, the Hugging Face cache at hub and olmo.py importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
 @pytest.mark.slow
 def test_sample_runs_an_olmo_core_checkpoint(tmp_path):
     maker = _olmo_core_fixture_maker()
@@ -1160,9 +1178,7 @@ def test_sample_runs_an_olmo_core_checkpoint(tmp_path):
                    "The capital of France", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert as_read(r.stdout) == as_read(tokenizer.decode(ids)) + "\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(step)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = _run_offline(tmp_path / "hub", str(Path(__file__).parent / "sample.py"), "--model", str(step))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "config.json names could not be loaded: could not download 'allenai/dolma2-tokenizer'" in r.stderr
     assert "sample.py --tokenizer" in r.stderr
@@ -1171,19 +1187,14 @@ def test_sample_runs_an_olmo_core_checkpoint(tmp_path):
 def test_olmo_core_checkpoint_takes_the_tokenizer_its_config_names_from_the_cache(tmp_path):
     # no tokenizer.json in the checkpoint: its config names allenai/dolma2-tokenizer, found in the HF cache offline
     pytest.importorskip("huggingface_hub")
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--allenai--dolma2-tokenizer"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "tokenizer.json").write_bytes((TOKENIZERS / "allenai_dolma2.json").read_bytes())
+    snapshot = _hub_snapshot(tmp_path / "hub", "allenai/dolma2-tokenizer", "main")
+    (snapshot / "tokenizer.json").write_bytes((TOKENIZERS / "allenai_dolma2.json").read_bytes())
     script = f"""
 import olmo
 tok = olmo.load_tokenizer({str(FIXTURES / "olmo_core_olmo2")!r})
 print(tok.encode("Hello, OLMo-core!"), tok.eos_token_id)
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(Path(__file__).parent)}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    r = _run_offline(tmp_path / "hub", "-c", script)
     assert r.returncode == 0, r.stderr
     dolma2 = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
     assert r.stdout.split()[-1] == "100257" and r.stdout.startswith(str(dolma2.encode("Hello, OLMo-core!")))
@@ -1193,13 +1204,7 @@ def test_hub_revision_loads_offline_from_the_cache(tmp_path):
     # a Hugging Face cache as the Hub leaves it after downloading a branch: refs/<branch> -> snapshots/<commit>/;
     # that OLMo 2 revision calls itself model_type "olmo_1124"
     pytest.importorskip("huggingface_hub")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--allenai--OLMo-2-tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "stage1-step10-tokens1B").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    _folder(snapshot)
+    snapshot = _folder(_hub_snapshot(tmp_path / "hub", "allenai/OLMo-2-tiny", "stage1-step10-tokens1B"))
     _edit_config(snapshot, model_type="olmo_1124")
     script = f"""
 import sys, torch, olmo
@@ -1211,14 +1216,13 @@ try:
 except OSError as e:
     print(e)
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(Path(__file__).parent)}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    r = _run_offline(tmp_path / "hub", "-c", script)
     assert r.returncode == 0, r.stderr
     loaded, error = r.stdout.splitlines()[0].split(), "\n".join(r.stdout.splitlines()[1:])
     assert loaded[0] == "olmo2" and float(loaded[1]) <= F32_RTOL
     assert "could not download 'allenai/OLMo-2-tiny' at revision 'stage9-no-such-step'" in error
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "--model", "allenai/OLMo-2-tiny",
-                        "--revision", "stage9-no-such-step"], capture_output=True, text=True, env=env, timeout=300)
+    r = _run_offline(tmp_path / "hub", str(Path(__file__).parent / "sample.py"), "--model", "allenai/OLMo-2-tiny",
+                     "--revision", "stage9-no-such-step")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "at revision 'stage9-no-such-step'" in r.stderr
     with pytest.raises(ValueError, match="revision='main' is for Hub ids"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", revision="main")

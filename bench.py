@@ -8,7 +8,8 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
 
 Two parts. processes (CPU): whole `python sample.py` processes against whole processes of a transformers script,
 generating N and 1 new tokens from the same prompt, (N - 1) / (time(N) - time(1)) as the decode rate, alternating,
-medians over rounds; for bfloat16 weights and, with --variants, int8 (against transformers + torchao) and int4.
+medians over rounds; for bfloat16 weights and, with --variants, int8 and w8a8 (against transformers + torchao) and
+int4.
 inprocess: decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
 machine's memory bandwidth, measured in this run (also step by step, each step paired with its own read, which
@@ -52,13 +53,14 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement (best is kept)")
     p.add_argument("--no-reference", action="store_true", help="do not run transformers even if installed")
     p.add_argument("--profile", action="store_true", help="also print where our decode steps spend their time, by kernel")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="in-process part: our model with quantized weights")
+    p.add_argument("--quantize", choices=["int8", "int4", "w8a8"], help="in-process part: our model quantized")
     p.add_argument("--parts", default="inprocess,processes",
                    help="inprocess (the table of in-process timings), processes (whole sample.py processes against a "
                         "transformers script; CPU only), or both")
     p.add_argument("--variants", default="bf16,int8",
                    help="processes part: weight formats, each against its transformers peer (int8: torchao's "
-                        "int8 weight-only, where torchao is installed; int4: ours alone)")
+                        "int8 weight-only, w8a8: torchao's int8 dynamic activations and int8 weights, where torchao "
+                        "is installed; int4: ours alone)")
     p.add_argument("--process-rounds", type=int, default=3, help="processes part: rounds (medians are reported)")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -68,8 +70,8 @@ def parse_args():
     if args.parts - {"inprocess", "processes"}:
         p.error(f"--parts: expected inprocess and/or processes, got {','.join(args.parts)}")
     args.variants = args.variants.split(",")
-    if set(args.variants) - {"bf16", "int8", "int4"}:
-        p.error(f"--variants: expected bf16, int8 and/or int4, got {','.join(args.variants)}")
+    if set(args.variants) - {"bf16", "int8", "int4", "w8a8"}:
+        p.error(f"--variants: expected bf16, int8, int4 and/or w8a8, got {','.join(args.variants)}")
     return args
 
 
@@ -374,10 +376,11 @@ import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, prompt_file, n, dtype, variant = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 kwargs = {}
-if variant == "int8":  # torchao's int8 weight-only quantization, as transformers offers it
-    from torchao.quantization import Int8WeightOnlyConfig
+if variant in ("int8", "w8a8"):  # torchao's int8 quantization, as transformers offers it
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     from transformers import TorchAoConfig
-    kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    config = Int8WeightOnlyConfig() if variant == "int8" else Int8DynamicActivationInt8WeightConfig()
+    kwargs["quantization_config"] = TorchAoConfig(quant_type=config)
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
 ids = tokenizer(open(prompt_file).read(), return_tensors="pt").input_ids
@@ -415,8 +418,8 @@ def whole_processes(args, folder, have_reference):
     one after the other, alternating, round after round (the machine drifts by the minute); medians are reported,
     with the read bandwidth measured between them. Prefill: a 512-token prompt and 1 new token, as each process
     times it itself (sample.py's statistics line; the script times its generate() call)."""
-    peers = {"bf16": have_reference, "int8": have_reference and importlib.util.find_spec("torchao") is not None,
-             "int4": False}
+    torchao = have_reference and importlib.util.find_spec("torchao") is not None
+    peers = {"bf16": have_reference, "int8": torchao, "w8a8": torchao, "int4": False}
     runs = [(impl, v) for v in args.variants for impl in (["olmo.py"] + (["transformers"] if peers[v] else []))]
     n = args.max_new_tokens
     with tempfile.TemporaryDirectory() as tmp:

@@ -926,7 +926,7 @@ def compile_blocks(model):
 def can_replay_graph(model):
     """Whether decode steps can be replayed from a CUDA graph (cuda_graph_decoder): on a GPU, in one process (not
     tried under tensor parallelism), and not a mixture of experts, which picks its experts on the host every step."""
-    return model.lm_head.weight.device.type == "cuda" and not torch.distributed.is_initialized() \
+    return model.model.embed_tokens.weight.device.type == "cuda" and not torch.distributed.is_initialized() \
         and not model.config.num_experts
 
 
@@ -1037,7 +1037,7 @@ def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantize=None
     The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
     the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
     split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight.
-    quantize "int8" or "int4": the linear layers' weights in 8 or 4 bits (read_quantized)."""
+    quantize "int8", "int4" or "w8a8": the linear layers in fewer bits (read_quantized; QuantizedLinear)."""
     folder = resolve_checkpoint(name_or_folder, revision)
     if quantize is None:
         model = read_model(folder, device, dtype, mesh)
@@ -1492,12 +1492,14 @@ def convert_olmo_core_state_dict(state, config, experiment, source):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Weight-only quantization. Decoding reads every weight once per token, so fewer bytes per weight decode faster
-# wherever memory bandwidth is the limit, and a model fits in less memory (half of bfloat16's in int8, a
-# quarter in int4). Activations, norms and the embedding table stay as they are: the embedding is read one row per token,
-# so quantizing it would save memory but no time.
+# Quantization. Decoding reads every weight once per token, so fewer bytes per weight decode faster wherever memory
+# bandwidth is the limit, and a model fits in less memory (half of bfloat16's in int8, a quarter in int4). Norms and
+# the embedding table stay as they are: the embedding is read one row per token, so quantizing it would save memory
+# but no time. int8 and int4 are weight-only (activations stay as they are); w8a8 rounds each layer's input to
+# 7-bit levels too, so the product runs in integers, in a faster kernel on x86 CPUs but with a larger error
+# (README, Quantization).
 
-QUANTIZATIONS = {"int8": 8, "int4": 4}
+QUANTIZATIONS = {"int8": 8, "int4": 4, "w8a8": 8}
 INT4_GROUP = 32  # inputs that share an int4 scale and offset
 
 
@@ -1506,19 +1508,27 @@ class QuantizedLinear(nn.Module):
       int8: w = s q, q = round(w / s) in [-127, 127], one scale s = max|w| / 127 per output row (symmetric).
       int4: w = s (q - 8) + z for each group of 32 inputs of a row: q in [0, 15], s = (max - min) / 15 and
             z = min + 8 s, so the group's range spreads over the 16 levels. Packed two to a byte in the layout of
-            PyTorch's CPU kernel: int4 runs on CPUs only."""
+            PyTorch's CPU kernel: int4 runs on CPUs only.
+      w8a8: int8's weight, packed for fbgemm (PyTorch's x86 integer kernels), and its input rounded too: see
+            int8_product. x86 CPUs only."""
 
-    def __init__(self, weight, bits, dtype):
+    def __init__(self, weight, bits, dtype, int8_inputs=False):
         super().__init__()
         self.bits, (self.out_features, self.in_features) = bits, weight.shape
         with torch.no_grad():
             q, scales = quantize_int8(weight, dtype) if bits == 8 else quantize_int4(weight, dtype)
-        self.weight = nn.Parameter(q, requires_grad=False)
+        self.packed = pack_for_fbgemm(q, scales) if int8_inputs and not q.is_meta else None
+        if self.packed is None:
+            self.weight = nn.Parameter(q, requires_grad=False)
+        else:  # the packed copy is the weight; this empty stand-in only tells its shape and bytes
+            self.weight = torch.empty(q.shape, dtype=torch.int8, device="meta")
         self.scales = nn.Parameter(scales, requires_grad=False)  # int4: (in / 32, out, 2) scale and offset
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
-        if self.bits == 4:
+        if self.packed is not None:
+            out = int8_product(x2, self.packed).to(x.dtype)
+        elif self.bits == 4:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales)
         elif x.device.type != "cpu" or torch.is_grad_enabled():
             out = F.linear(x2, self.dequantize())  # the plain math (a GPU compiles it into one kernel)
@@ -1530,6 +1540,30 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self):  # int8 only
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+
+def pack_for_fbgemm(q, scales):
+    """int8 levels q (out, in) and their row scales -> fbgemm's packed weight (its own copy, in its tile layout)."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        raise ValueError(f"w8a8 needs fbgemm, PyTorch's x86 integer kernels (this PyTorch's quantized engine is "
+                         f"{torch.backends.quantized.engine!r}): use int8")
+    zeros = torch.zeros(len(scales), dtype=torch.long)
+    with warnings.catch_warnings():  # PyTorch 2.13 deprecates quantized tensors, which only carry q to the packing
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def int8_product(x, packed):
+    """x (rows, in) @ w.T with integer arithmetic. Each row is divided by its largest |value|, so one token's
+    outliers do not coarsen another's levels; fbgemm rounds the rows (now within [-1, 1]) to unsigned levels with one
+    scale and offset, multiplies them with the int8 weight summing in int32, and scales the sums back; each row's
+    maximum is multiplied back. reduce_range: a 7-bit range (0..127; its top may round to 128), since AVX2's kernel
+    adds pairs of byte products in 16 bits, which 8-bit levels overflow (2 x 255 x 127 > 32767): the same sums on
+    every x86 CPU."""
+    x32 = x.float()
+    peak = x32.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.ops.quantized.linear_dynamic(x32 / peak, packed, True).mul_(peak)
 
 
 def quantize_int8(w, dtype, rows=256):
@@ -1570,8 +1604,8 @@ def read_quantized(name_or_folder, mode, device=None, dtype=None, mesh=None):
     quantized model plus one layer's weight, so a model can load quantized on a machine that cannot hold it unquantized."""
     if mesh is not None:
         raise ValueError("quantization is not combined with tensor parallelism")
-    if mode == "int4" and device is not None and torch.device(device).type != "cpu":
-        raise ValueError("int4 uses PyTorch's CPU kernel: use int8 on other devices")
+    if mode in ("int4", "w8a8") and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{mode} uses PyTorch's CPU kernels: use int8 on other devices")
     model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
     dtype = dtype or model.model.embed_tokens.weight.dtype
     quantize(model, mode, dtype)
@@ -1582,7 +1616,7 @@ def read_quantized(name_or_folder, mode, device=None, dtype=None, mesh=None):
 
 
 def quantize(model, mode, dtype=None):
-    """Replace the linear layers of every block and an untied lm_head by QuantizedLinear ("int8" or "int4"), one at a
+    """Replace the linear layers of every block and an untied lm_head by QuantizedLinear ("int8", "int4", "w8a8"), one at a
     time: the peak is the quantized model plus one weight being converted. A mixture's router (a small matrix whose
     rounding could flip a close routing decision) stays as it is. int4 needs out % 16 == 0 and in % 32 == 0 (the
     kernel's tiles); a layer that is not so shaped (OLMo 3's 100278-row lm_head) gets int8. dtype: the activations'
@@ -1595,10 +1629,10 @@ def quantize(model, mode, dtype=None):
             if type(child) is not Linear or (isinstance(parent, MoE) and name == "gate") or (tied and child is model.lm_head):
                 continue
             w = child.weight
-            if w.device.type not in ("cpu", "meta") and mode == "int4":
-                raise ValueError("int4 uses PyTorch's CPU kernel: quantize on the CPU, or use int8")
+            if w.device.type not in ("cpu", "meta") and mode in ("int4", "w8a8"):
+                raise ValueError(f"{mode} uses PyTorch's CPU kernels: quantize on the CPU, or use int8")
             bits = 4 if mode == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % INT4_GROUP == 0 else 8
-            setattr(parent, name, QuantizedLinear(w, bits, dtype or w.dtype).to(w.device))
+            setattr(parent, name, QuantizedLinear(w, bits, dtype or w.dtype, mode == "w8a8").to(w.device))
     return model
 
 

@@ -40,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 (float16 on mps)")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding")
+    p.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
+                   help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding; "
+                        "w8a8: int8 weights and inputs rounded to 8 bits too, integer products (x86 CPUs): faster "
+                        "still, less exact")
     p.add_argument("--chat", action="store_true",
                    help="talk with an instruct model through its chat template: one reply to --prompt, or, without "
                         "--prompt, a conversation (/reset, /system TEXT, /quit; Ctrl-C stops a reply, Ctrl-D quits)")
@@ -145,7 +147,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens.
     cuda_graph: replay the decode steps from a CUDA graph (see olmo.cuda_graph_decoder). cache: a KVCache that
     holds what came before prompt_ids (a conversation's earlier turns); it holds every token fed when done."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     ids = torch.tensor([prompt_ids], device=device)
     if cache is None:
         cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
@@ -163,11 +165,13 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
 def weights_read_per_token(model):
     """The weights that one decode step at batch 1 reads: every parameter but the embedding table (of which it
     reads one row; a tied head reads all of it), and of a mixture of experts only num_experts_per_tok experts per
-    layer (here the first ones, standing in for the chosen ones, which have the same sizes)."""
+    layer (here the first ones, standing in for the chosen ones, which have the same sizes). w8a8's weights are
+    packed for fbgemm, outside the parameters: their shape-only stand-ins count for them."""
     k = model.config.num_experts_per_tok or 0
     unchosen = lambda name: ".experts." in name and int(name.split(".experts.")[1].split(".")[0]) >= k
     embedding = "model.embed_tokens.weight" if not model.config.tie_word_embeddings else None
-    return [p for name, p in model.named_parameters() if name != embedding and not unchosen(name)]
+    packed = [m.weight for name, m in model.named_modules() if getattr(m, "packed", None) is not None and not unchosen(name)]
+    return [p for name, p in model.named_parameters() if name != embedding and not unchosen(name)] + packed
 
 
 # ---- chat template -------------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), gen
     printed. cache: a conversation's, holding its earlier turns. Ctrl-C from the echo on stops the reply and still
     gives the statistics line."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     tokens, sync = [], torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()

@@ -1315,11 +1315,83 @@ def test_quantized_greedy_text_keeps_the_float32_choices():
     assert clear > 0.75 * total, (clear, total)
 
 
+def rounded_rows(x):
+    """What w8a8 multiplies instead of x (rows, in): each row divided by its largest |value|, rounded to unsigned
+    levels with the scale and zero point PyTorch's dynamic quantization chooses for the whole input (7-bit range:
+    reduce_range), expanded back and multiplied by the row's maximum again. Rounded as fbgemm does: times the
+    float32 inverse of the scale, plus the zero point, then to the nearest level (ties to even) in 0..255 (the top
+    of the 7-bit range may round up to 128)."""
+    x = x.float()
+    peak = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    scale, zero = torch._choose_qparams_per_tensor(x / peak, True)
+    levels = (x / peak * torch.tensor(scale, dtype=torch.float32).reciprocal() + zero).round().clamp(0, 255)
+    return (levels - zero) * scale * peak
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_w8a8_products_are_integer_products_of_rounded_rows(case):
+    # every product of a float32 w8a8 forward is int8's rounded weight times its rounded input rows, to 1e-5 of
+    # its largest output (here 1e-7..4e-7). Whole models cannot be compared so: clip_qkv's clamped values land on
+    # rounding boundaries, where the last bits of the float32 arithmetic before decide the level
+    ids = reference(case)["input_ids"]
+    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="w8a8")
+    rounded = fake_quantized(load(case), 8)
+    seen = []
+    for name, m in ours.named_modules():
+        if isinstance(m, olmo.QuantizedLinear):
+            m.register_forward_hook(lambda m, inputs, out, name=name: seen.append((name, inputs[0], out)))
+    ours(ids)
+    every = {name for name, m in ours.named_modules() if isinstance(m, olmo.QuantizedLinear) and ".experts." not in name}
+    assert every <= {name for name, *_ in seen}  # (of a mixture's experts, the chosen ones)
+    for name, x, out in seen:
+        expected = F.linear(rounded_rows(x.reshape(-1, x.shape[-1])), rounded.get_submodule(name).weight)
+        assert max_diff(out.reshape(expected.shape), expected) <= 1e-5 * expected.abs().max(), name
+    int8 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="int8")
+    nbytes = lambda m: sum(p.nbytes for p in sample.weights_read_per_token(m))
+    assert nbytes(ours) == nbytes(int8)  # as many weight bytes per token as int8
+
+
+def test_w8a8_keeps_the_trained_models_choices():
+    # the trained tiny OLMo (notebooks/tiny_olmo) on the README's first 240 bytes: w8a8 with bfloat16 activations
+    # picks the float32 model's top token at 96.7% of the positions (int8 97.5%, bfloat16 97.5%); one scale for a
+    # whole prompt instead of one per row: 90.8%. sample.py --quantize w8a8 prints what generate() computes.
+    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
+    ids = torch.tensor([list((Path(__file__).parent / "README.md").read_bytes()[:240])])
+    f32 = olmo.OlmoForCausalLM.from_pretrained(folder)(ids)[0]
+    w8a8 = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize="w8a8")
+    assert (w8a8(ids)[0].argmax(-1) == f32.argmax(-1)).float().mean() > 0.95
+    tokenizer = olmo.load_tokenizer(folder)
+    r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "32",
+                   "--dtype", "bfloat16", "--quantize", "w8a8")
+    assert r.returncode == 0 and "w8a8 weights" in r.stderr, r.stderr
+    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(w8a8, tokenizer.encode("Return the"), 32))) + "\n"
+
+
+def test_w8a8_sums_exactly_with_avx2_kernels():
+    # AVX2's int8 kernel adds pairs of byte products in 16 bits: inputs rounded to 8-bit levels (255 x 127 x 2)
+    # overflow there (this sum came out 129.5, not 255, before the 7-bit range); 7-bit levels do not
+    code = ("import torch, olmo; layer = olmo.QuantizedLinear(torch.ones(64, 256), 8, torch.float32, True); "
+            "x = torch.ones(1, 256); x[0, 0] = 0; print(layer(x)[0, 0].item())")
+    for isa in ("AVX2", "AVX512"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
+                           env=os.environ | {"FBGEMM_ENABLE_INSTRUCTIONS": isa})
+        assert r.returncode == 0, r.stderr
+        assert abs(float(r.stdout) - 255) < 1e-3, (isa, r.stdout)
+
+
 def test_quantization_errors_are_clear():
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         olmo.quantize(load("olmo2"), "int3")
-    with pytest.raises(ValueError, match="int4 uses PyTorch's CPU kernel"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize="int4")
+    for mode in ("int4", "w8a8"):
+        with pytest.raises(ValueError, match=f"{mode} uses PyTorch's CPU kernels"):
+            olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize=mode)
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"  # as on an Arm CPU
+        with pytest.raises(ValueError, match="w8a8 needs fbgemm.*'qnnpack'.*use int8"):
+            olmo.quantize(load("olmo2"), "w8a8")
+    finally:
+        torch.backends.quantized.engine = engine
     with pytest.raises(ValueError, match="not combined with tensor parallelism"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 
@@ -1755,7 +1827,7 @@ def test_conversation_in_a_terminal_ends_with_ctrl_d(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "int8"]])
+@pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "w8a8"]])
 def test_bench_runs_and_reports(extra):
     # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
@@ -1773,15 +1845,15 @@ def test_bench_runs_and_reports(extra):
 
 @pytest.mark.slow
 def test_bench_whole_processes_run_and_report(tmp_path):
-    # sample.py and the transformers script as whole processes, bf16 and int8 (int8's peer needs torchao)
+    # sample.py and the transformers script as whole processes, bf16, int8 and w8a8 (their peers need torchao)
     e2e_checkpoint("olmo2", tmp_path)
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(tmp_path),
-                        "--parts", "processes", "--variants", "bf16,int8", "--process-rounds", "1", "--max-new-tokens", "6",
+                        "--parts", "processes", "--variants", "bf16,int8,w8a8", "--process-rounds", "1", "--max-new-tokens", "6",
                         "--prefill-len", "32"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     key = r.stdout.strip().splitlines()[-1]
     assert key.startswith("KEY processes") and "bf16" in key and "x transformers" in key and "x our bf16" in key
-    assert "olmo.py int8" in r.stdout and "transformers bf16" in r.stdout
+    assert "olmo.py int8" in r.stdout and "olmo.py w8a8" in r.stdout and "transformers bf16" in r.stdout
 
 
 # ---- the notebooks' exercises ----------------------------------------------------------------------------------

@@ -1542,16 +1542,27 @@ class QuantizedLinear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
 
+FBGEMM_ROWS = 8192  # rows packed together: fbgemm packs a 100352-row lm_head 3.6x faster in pieces of this size
+
+
 def pack_for_fbgemm(q, scales):
-    """int8 levels q (out, in) and their row scales -> fbgemm's packed weight (its own copy, in its tile layout)."""
+    """int8 levels q (out, in) and their row scales -> fbgemm's packed weight (its own copy, in its tile layout), as
+    a list of pieces of at most FBGEMM_ROWS rows."""
     if torch.backends.quantized.engine not in ("x86", "fbgemm"):
         raise ValueError(f"w8a8 needs fbgemm, PyTorch's x86 integer kernels (this PyTorch's quantized engine is "
                          f"{torch.backends.quantized.engine!r}): use int8")
-    zeros = torch.zeros(len(scales), dtype=torch.long)
-    with warnings.catch_warnings():  # PyTorch 2.13 deprecates quantized tensors, which only carry q to the packing
-        warnings.simplefilter("ignore")
-        weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
-        return torch.ops.quantized.linear_prepack(weight, None)
+    pieces = []
+    try:
+        with warnings.catch_warnings():  # PyTorch 2.13 deprecates quantized tensors, which only carry q to the packing
+            warnings.simplefilter("ignore")
+            for i in range(0, q.shape[0], FBGEMM_ROWS):
+                s = scales[i:i + FBGEMM_ROWS].double()
+                weight = torch._make_per_channel_quantized_tensor(q[i:i + FBGEMM_ROWS], s, torch.zeros(len(s), dtype=torch.long), 0)
+                pieces.append(torch.ops.quantized.linear_prepack(weight, None))
+    except (AttributeError, RuntimeError) as e:  # a PyTorch that has removed them
+        raise ValueError(f"w8a8 needs fbgemm's quantized::linear_prepack, which PyTorch {torch.__version__} does not "
+                         f"provide ({type(e).__name__}: {e}): use int8") from None
+    return pieces
 
 
 def int8_product(x, packed):
@@ -1563,7 +1574,8 @@ def int8_product(x, packed):
     every x86 CPU."""
     x32 = x.float()
     peak = x32.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-    return torch.ops.quantized.linear_dynamic(x32 / peak, packed, True).mul_(peak)
+    rows = x32 / peak
+    return torch.cat([torch.ops.quantized.linear_dynamic(rows, piece, True) for piece in packed], 1).mul_(peak)
 
 
 def quantize_int8(w, dtype, rows=256):

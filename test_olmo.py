@@ -1329,10 +1329,13 @@ def rounded_rows(x):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_w8a8_products_are_integer_products_of_rounded_rows(case):
+@pytest.mark.parametrize("rows", [olmo.FBGEMM_ROWS, 24])
+def test_w8a8_products_are_integer_products_of_rounded_rows(case, rows, monkeypatch):
     # every product of a float32 w8a8 forward is int8's rounded weight times its rounded input rows, to 1e-5 of
     # its largest output (here 1e-7..4e-7). Whole models cannot be compared so: clip_qkv's clamped values land on
-    # rounding boundaries, where the last bits of the float32 arithmetic before decide the level
+    # rounding boundaries, where the last bits of the float32 arithmetic before decide the level. rows: each weight
+    # packed whole, or in pieces of 24 rows (as an lm_head is packed in pieces of FBGEMM_ROWS)
+    monkeypatch.setattr(olmo, "FBGEMM_ROWS", rows)
     ids = reference(case)["input_ids"]
     ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="w8a8")
     rounded = fake_quantized(load(case), 8)
@@ -1392,6 +1395,16 @@ def test_quantization_errors_are_clear():
             olmo.quantize(load("olmo2"), "w8a8")
     finally:
         torch.backends.quantized.engine = engine
+
+
+def test_w8a8_without_quantized_tensors_says_so(monkeypatch):
+    # PyTorch 2.13 deprecates the quantized tensors that carry a weight to fbgemm's packing: once they are gone,
+    # w8a8 says what is missing instead of failing inside torch
+    def removed(*args):
+        raise AttributeError("module 'torch' has no attribute '_make_per_channel_quantized_tensor'")
+    monkeypatch.setattr(torch, "_make_per_channel_quantized_tensor", removed)
+    with pytest.raises(ValueError, match=r"w8a8 needs fbgemm's quantized::linear_prepack, which PyTorch .* use int8"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", quantize="w8a8")
     with pytest.raises(ValueError, match="not combined with tensor parallelism"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 

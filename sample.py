@@ -42,7 +42,7 @@ def parse_args(argv=None):
                    help="auto: bfloat16 (float16 on mps)")
     p.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
                    help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding; "
-                        "w8a8: int8 weights and inputs rounded to 8 bits too, integer products (x86 CPUs): faster "
+                        "w8a8: int8 weights and inputs rounded to 7 bits too, integer products (x86 CPUs): faster "
                         "still, less exact")
     p.add_argument("--chat", action="store_true",
                    help="talk with an instruct model through its chat template: one reply to --prompt, or, without "

@@ -1357,12 +1357,18 @@ def test_w8a8_products_are_integer_products_of_rounded_rows(case, rows, monkeypa
 def test_w8a8_keeps_the_trained_models_choices():
     # the trained tiny OLMo (notebooks/tiny_olmo) on the README's first 240 bytes: w8a8 with bfloat16 activations
     # picks the float32 model's top token at 96.7% of the positions (int8 97.5%, bfloat16 97.5%); one scale for a
-    # whole prompt instead of one per row: 90.8%. sample.py --quantize w8a8 prints what generate() computes.
+    # whole prompt instead of one per row: 90.8%
     folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
     ids = torch.tensor([list((Path(__file__).parent / "README.md").read_bytes()[:240])])
     f32 = olmo.OlmoForCausalLM.from_pretrained(folder)(ids)[0]
     w8a8 = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize="w8a8")
     assert (w8a8(ids)[0].argmax(-1) == f32.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.slow
+def test_sample_w8a8_prints_what_generate_computes():
+    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
+    w8a8 = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize="w8a8")
     tokenizer = olmo.load_tokenizer(folder)
     r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "32",
                    "--dtype", "bfloat16", "--quantize", "w8a8")
@@ -1395,6 +1401,8 @@ def test_quantization_errors_are_clear():
             olmo.quantize(load("olmo2"), "w8a8")
     finally:
         torch.backends.quantized.engine = engine
+    with pytest.raises(ValueError, match="not combined with tensor parallelism"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 
 
 def test_w8a8_without_quantized_tensors_says_so(monkeypatch):
@@ -1405,8 +1413,6 @@ def test_w8a8_without_quantized_tensors_says_so(monkeypatch):
     monkeypatch.setattr(torch, "_make_per_channel_quantized_tensor", removed)
     with pytest.raises(ValueError, match=r"w8a8 needs fbgemm's quantized::linear_prepack, which PyTorch .* use int8"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", quantize="w8a8")
-    with pytest.raises(ValueError, match="not combined with tensor parallelism"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 
 
 # ---- tensor parallelism ----------------------------------------------------------------------------------------

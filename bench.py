@@ -3,12 +3,12 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
 
     python bench.py                                  # OLMo-2-0425-1B shape, random weights, bfloat16
     python bench.py --model path/to/checkpoint       # a real checkpoint
-    python bench.py --model OLMoE-1B-7B-0924 --parts processes --variants bf16
+    python bench.py --model OLMoE-1B-7B-0924:4 --variants bf16  # its first 4 layers
     python bench.py --model Olmo-3-1025-7B --device cuda --compile
 
 Two parts. processes (CPU): whole `python sample.py` processes against whole processes of a transformers script,
 generating N and 1 new tokens from the same prompt, (N - 1) / (time(N) - time(1)) as the decode rate, alternating,
-medians over rounds; for bfloat16 weights and, with --variants, int8 and w8a8 (against transformers + torchao) and
+medians over rounds (N for each run such that it decodes for about --decode-seconds); for bfloat16 weights and, with --variants, int8 and w8a8 (against transformers + torchao) and
 int4.
 inprocess: decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
@@ -41,7 +41,8 @@ TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="OLMo-2-0425-1B", help="a preset name (random weights) or a checkpoint folder")
+    p.add_argument("--model", default="OLMo-2-0425-1B",
+                   help="a preset name (random weights; NAME:L for its first L layers) or a checkpoint folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=16)
@@ -62,6 +63,9 @@ def parse_args():
                         "int8 weight-only, w8a8: torchao's int8 dynamic activations and int8 weights, where torchao "
                         "is installed; int4: ours alone)")
     p.add_argument("--process-rounds", type=int, default=3, help="processes part: rounds (medians are reported)")
+    p.add_argument("--decode-seconds", type=float, default=20,
+                   help="processes part: each run generates enough tokens to decode for about this long (at least "
+                        "--max-new-tokens), as a first process of it measures; 0: --max-new-tokens for all")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
@@ -312,11 +316,22 @@ def main():
         folder = Path(args.model)
         if not folder.is_dir():  # a preset: random weights, saved so that both implementations load the same file
             folder = Path(tmp)
-            save_random_checkpoint(olmo.OlmoConfig.from_name(args.model), folder, args.dtype)
+            save_random_checkpoint(preset(args.model), folder, args.dtype)
         if "inprocess" in args.parts:
             in_process(args, folder, have_reference)
         if "processes" in args.parts and args.device.type == "cpu":
             whole_processes(args, folder, have_reference)
+
+
+def preset(name):
+    """A preset's config; NAME:L keeps its first L layers (a model whose checkpoint, beside transformers' mapping of
+    the same file, would not fit this machine's memory)."""
+    name, _, layers = name.partition(":")
+    config = olmo.OlmoConfig.from_name(name)
+    if layers:
+        L = int(layers)
+        config = dataclasses.replace(config, num_hidden_layers=L, layer_types=config.layer_types[:L])
+    return config
 
 
 def in_process(args, folder, have_reference):
@@ -416,27 +431,30 @@ def whole_processes(args, folder, have_reference):
     (generate(), as its documentation shows), both generating N and 1 new tokens from the same prompt; the decode
     rate is (N - 1) / (time(N) - time(1)), which leaves out starting, loading and the prompt. The processes run
     one after the other, alternating, round after round (the machine drifts by the minute); medians are reported,
-    with the read bandwidth measured between them. Prefill: a 512-token prompt and 1 new token, as each process
-    times it itself (sample.py's statistics line; the script times its generate() call)."""
+    with the read bandwidth measured between them. Each run's N is chosen for it (new_tokens): loading varies by
+    seconds from process to process, and the difference of two processes is only as steady as decoding is long.
+    Prefill: a 512-token prompt and 1 new token, as each process times it itself (sample.py's statistics line; the
+    script times its generate() call)."""
     torchao = have_reference and importlib.util.find_spec("torchao") is not None
     peers = {"bf16": have_reference, "int8": torchao, "w8a8": torchao, "int4": False}
     runs = [(impl, v) for v in args.variants for impl in (["olmo.py"] + (["transformers"] if peers[v] else []))]
-    n = args.max_new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         short, long = Path(tmp) / "short.txt", Path(tmp) / "long.txt"
         tokenizer = olmo.load_tokenizer(folder)
         short.write_text(PROMPT)
         text = PROMPT * (args.prefill_len // len(tokenizer.encode(PROMPT)) + 2)
         long.write_text(tokenizer.decode(tokenizer.encode(text)[:args.prefill_len]))
+        room = olmo.read_config(folder).max_position_embeddings - len(tokenizer.encode(PROMPT)) - 8
+        n = {run: new_tokens(run, folder, short, args, room) for run in runs}
         times = {run: {"n": [], "1": [], "prefill": []} for run in runs}
         reads = []
         for r in range(args.process_rounds):
             for run in runs:
                 reads.append(memory_bandwidth(torch.device("cpu"))[0])
-                for key, prompt, count in (("n", short, n), ("1", short, 1), ("prefill", long, 1)):
+                for key, prompt, count in (("n", short, n[run]), ("1", short, 1), ("prefill", long, 1)):
                     seconds, err = run_process(process_command(*run, folder, prompt, count, args.dtype_name))
                     times[run][key].append(seconds if key != "prefill" else prefill_from(err, run[0]))
-                decode = (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
+                decode = (n[run] - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
                 print(f"round {r + 1}: {run[0]} {run[1]}: decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
     model_bytes = {}
     for v in args.variants:  # shapes only, on the meta device
@@ -451,12 +469,15 @@ def whole_processes(args, folder, have_reference):
     print("weights read per decoded token: " + ", ".join(f"{v} {b / 1e9:.2f} GB" for v, b in model_bytes.items())
           + "; cache per sequence (keys and values in the activations' dtype, and Gated DeltaNet states): "
           + ", ".join(f"{t} tokens {cache_bytes(folder, t, args.dtype) / 2**20:.0f} MiB" for t in (4096, 65536)))
-    print(f"{'':28s}{'decode tok/s':>14s}{'of read bw':>12s}{'load+1st tok s':>16s}{'prefill tok/s':>15s}{'vs transformers':>17s}")
-    decode = {run: statistics.median((n - 1) / (a - b) for a, b in zip(times[run]["n"], times[run]["1"])) for run in runs}
+    print(f"{'':28s}{'N':>6s}{'decode tok/s':>14s}{'rounds: min-max':>17s}{'of read bw':>12s}{'load+1st tok s':>16s}"
+          f"{'prefill tok/s':>15s}{'vs transformers':>17s}")
+    rates = {run: [(n[run] - 1) / (a - b) for a, b in zip(times[run]["n"], times[run]["1"])] for run in runs}
+    decode = {run: statistics.median(r) for run, r in rates.items()}
     for impl, v in runs:
         t, peer = times[impl, v], decode.get(("transformers", v))
         ratio = f"{decode[impl, v] / peer:17.2f}" if impl == "olmo.py" and peer else ""
-        print(f"{impl + ' ' + v:28s}{decode[impl, v]:14.2f}{decode[impl, v] * model_bytes[v] / read_bw:12.0%}"
+        spread = f"{min(rates[impl, v]):.2f}-{max(rates[impl, v]):.2f}"
+        print(f"{impl + ' ' + v:28s}{n[impl, v]:6d}{decode[impl, v]:14.2f}{spread:>17s}{decode[impl, v] * model_bytes[v] / read_bw:12.0%}"
               f"{statistics.median(t['1']):16.2f}{statistics.median(t['prefill']):15.1f}{ratio}")
     key = f"KEY processes {args.model}:"
     for v in args.variants:
@@ -464,6 +485,21 @@ def whole_processes(args, folder, have_reference):
         key += f", {decode['olmo.py', v] / decode['transformers', v]:.2f}x transformers" if ("transformers", v) in decode else ""
         key += f", {decode['olmo.py', v] / decode['olmo.py', 'bf16']:.2f}x our bf16)," if v != "bf16" and "bf16" in args.variants else "),"
     print(key)
+
+
+def new_tokens(run, folder, prompt, args, room):
+    """N for one run: enough new tokens that its decoding lasts about --decode-seconds, at the rate that a first
+    process of --max-new-tokens tokens reports itself (sample.py's statistics line; the script's generate() time,
+    which includes its short prompt); at least --max-new-tokens, and no more than the model's context allows."""
+    if args.decode_seconds <= 0:
+        return args.max_new_tokens
+    _, err = run_process(process_command(*run, folder, prompt, args.max_new_tokens, args.dtype_name))
+    if run[0] == "olmo.py":
+        rate = float(re.search(r"decode \d+ tokens at ([\d.]+) tok/s", err).group(1))
+    else:
+        m = re.search(r"generated (\d+) in ([\d.]+)s", err)
+        rate = (int(m.group(1)) - 1) / float(m.group(2))
+    return max(args.max_new_tokens, min(room, round(rate * args.decode_seconds)))
 
 
 def cache_bytes(folder, tokens, dtype):

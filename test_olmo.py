@@ -1862,6 +1862,13 @@ def test_bench_runs_and_reports(extra):
     assert ("profile of ours, decode at batch 1" in r.stdout and "aten::" in r.stdout) == ("--profile" in extra)
 
 
+def test_bench_preset_keeps_its_first_layers():
+    import bench
+    full, cut = olmo.OlmoConfig.from_name("Olmo-3-1025-7B"), bench.preset("Olmo-3-1025-7B:5")
+    assert cut.num_hidden_layers == 5 and cut.layer_types == full.layer_types[:5] and cut.hidden_size == full.hidden_size
+    assert "sliding_attention" in cut.layer_types and "full_attention" in cut.layer_types
+
+
 @pytest.mark.slow
 def test_bench_whole_processes_run_and_report(tmp_path):
     # sample.py and the transformers script as whole processes, bf16, int8 and w8a8 (their peers need torchao)

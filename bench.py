@@ -7,9 +7,9 @@ Benchmark olmo.py side by side with Hugging Face transformers, in one run, on id
     python bench.py --model Olmo-3-1025-7B --device cuda --compile
 
 Two parts. processes (CPU): whole `python sample.py` processes against whole processes of a transformers script,
-generating N and 1 new tokens from the same prompt, (N - 1) / (time(N) - time(1)) as the decode rate, alternating,
-medians over rounds (N for each run such that it decodes for about --decode-seconds); for bfloat16 weights and, with --variants, int8 and w8a8 (against transformers + torchao) and
-int4.
+generating N and 1 new tokens from the same prompt, (N - 1) / (time(N) - time(1)) as the decode rate (N for each run
+such that it decodes for about --decode-seconds), alternating, medians over rounds; for bfloat16 weights and, with
+--variants, int8 and w8a8 (against transformers + torchao) and int4.
 inprocess: decode tokens/s at batch 1 and batch 8 (greedy), prefill tokens/s, from_pretrained time and peak
 memory (each in a fresh process), and the weight bandwidth that decoding achieves as a fraction of the
 machine's memory bandwidth, measured in this run (also step by step, each step paired with its own read, which
@@ -46,7 +46,8 @@ def parse_args():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded per measurement (as sample.py's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded per in-process measurement (as sample.py's; the processes part's "
+                        "N with --decode-seconds 0)")
     p.add_argument("--batch", type=int, default=8, help="the second decode batch size")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
@@ -65,7 +66,7 @@ def parse_args():
     p.add_argument("--process-rounds", type=int, default=3, help="processes part: rounds (medians are reported)")
     p.add_argument("--decode-seconds", type=float, default=20,
                    help="processes part: each run generates enough tokens to decode for about this long (at least "
-                        "--max-new-tokens), as a first process of it measures; 0: --max-new-tokens for all")
+                        f"{PILOT_TOKENS}), as a first process of it measures; 0: --max-new-tokens for all")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
@@ -487,19 +488,22 @@ def whole_processes(args, folder, have_reference):
     print(key)
 
 
+PILOT_TOKENS = 17  # new tokens of the first process that measures a run's rate, and the least N
+
+
 def new_tokens(run, folder, prompt, args, room):
     """N for one run: enough new tokens that its decoding lasts about --decode-seconds, at the rate that a first
-    process of --max-new-tokens tokens reports itself (sample.py's statistics line; the script's generate() time,
-    which includes its short prompt); at least --max-new-tokens, and no more than the model's context allows."""
+    process of PILOT_TOKENS reports itself (sample.py's statistics line; the script's generate() time, which
+    includes its short prompt); at least PILOT_TOKENS, and no more than the model's context allows."""
     if args.decode_seconds <= 0:
         return args.max_new_tokens
-    _, err = run_process(process_command(*run, folder, prompt, args.max_new_tokens, args.dtype_name))
+    _, err = run_process(process_command(*run, folder, prompt, PILOT_TOKENS, args.dtype_name))
     if run[0] == "olmo.py":
         rate = float(re.search(r"decode \d+ tokens at ([\d.]+) tok/s", err).group(1))
     else:
         m = re.search(r"generated (\d+) in ([\d.]+)s", err)
         rate = (int(m.group(1)) - 1) / float(m.group(2))
-    return max(args.max_new_tokens, min(room, round(rate * args.decode_seconds)))
+    return max(PILOT_TOKENS, min(room, round(rate * args.decode_seconds)))
 
 
 def cache_bytes(folder, tokens, dtype):

@@ -46,8 +46,9 @@ def parse_args():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded per in-process measurement (as sample.py's; the processes part's "
-                        "N with --decode-seconds 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens decoded per in-process measurement (as sample.py's; the processes part's N with "
+                        "--decode-seconds 0)")
     p.add_argument("--batch", type=int, default=8, help="the second decode batch size")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
@@ -443,9 +444,10 @@ def whole_processes(args, folder, have_reference):
         short, long = Path(tmp) / "short.txt", Path(tmp) / "long.txt"
         tokenizer = olmo.load_tokenizer(folder)
         short.write_text(PROMPT)
-        text = PROMPT * (args.prefill_len // len(tokenizer.encode(PROMPT)) + 2)
+        prompt_len = len(tokenizer.encode(PROMPT))
+        text = PROMPT * (args.prefill_len // prompt_len + 2)
         long.write_text(tokenizer.decode(tokenizer.encode(text)[:args.prefill_len]))
-        room = olmo.read_config(folder).max_position_embeddings - len(tokenizer.encode(PROMPT)) - 8
+        room = olmo.read_config(folder).max_position_embeddings - prompt_len - 8
         n = {run: new_tokens(run, folder, short, args, room) for run in runs}
         times = {run: {"n": [], "1": [], "prefill": []} for run in runs}
         reads = []
@@ -501,8 +503,8 @@ def new_tokens(run, folder, prompt, args, room):
     if run[0] == "olmo.py":
         rate = float(re.search(r"decode \d+ tokens at ([\d.]+) tok/s", err).group(1))
     else:
-        m = re.search(r"generated (\d+) in ([\d.]+)s", err)
-        rate = (int(m.group(1)) - 1) / float(m.group(2))
+        _, generated, seconds = peer_report(err)
+        rate = (generated - 1) / seconds
     return max(PILOT_TOKENS, min(room, round(rate * args.decode_seconds)))
 
 
@@ -517,8 +519,14 @@ def prefill_from(stderr, impl):
     """Prefill tokens/s from a process's own report of its 512-token prompt."""
     if impl == "olmo.py":
         return float(re.search(r"prefill ([\d.]+) tok/s", stderr).group(1))
-    m = re.search(r"prompt (\d+) tokens, generated \d+ in ([\d.]+)s", stderr)
-    return int(m.group(1)) / float(m.group(2))
+    prompt, _, seconds = peer_report(stderr)
+    return prompt / seconds
+
+
+def peer_report(stderr):
+    """The transformers script's own line: prompt tokens, tokens generated, seconds of its generate() call."""
+    m = re.search(r"prompt (\d+) tokens, generated (\d+) in ([\d.]+)s", stderr)
+    return int(m.group(1)), int(m.group(2)), float(m.group(3))
 
 
 def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):

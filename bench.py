@@ -33,8 +33,11 @@ from pathlib import Path
 
 import torch
 
+import generate
 import olmo
+import quantize as quantization
 import sample
+import speed
 
 TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
 
@@ -163,7 +166,7 @@ def load_child(impl, folder, dtype, quantize):
         from transformers import AutoModelForCausalLM
     t = time.perf_counter()
     if impl == "ours":
-        model = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=quantize)
+        model = generate.load_model(folder, dtype=dtype, quantize=quantize)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     loaded = time.perf_counter() - t
@@ -204,7 +207,7 @@ class Ours:
         (greedy) per call, n calls at most."""
         model = self.model
         cache = model.new_cache(ids.shape[0], ids.shape[1] + WARMUP_STEPS + n, static=self.cuda_graph)
-        forward = sample.decode_step(model, cache)
+        forward = generate.decode_step(model, cache)
         with torch.inference_mode():
             logits = [model(ids, cache=cache, last_only=True)[0]]
 
@@ -218,8 +221,10 @@ class Ours:
     def weights_alone(self):
         """A function that runs every linear layer a decode step reads on one row and does nothing else: the floor
         of a decode step's time, for comparison with the step."""
-        read = {id(w) for w in sample.weights_read_per_token(self.model)}
-        layers = [m for m in self.model.modules() if isinstance(m, (olmo.Linear, olmo.QuantizedLinear)) and id(m.weight) in read]
+        read = {id(w) for w in generate.weights_read_per_token(self.model)}
+        linear = (torch.nn.Linear, quantization.Int8Linear, quantization.Int4Linear, quantization.W8A8Linear)
+        layers = [m for m in self.model.modules()  # a layer's first parameter: its weight (w8a8: its scales)
+                  if isinstance(m, linear) and id(next(m.parameters(recurse=False))) in read]
         p = self.model.model.embed_tokens.weight
         xs = {m.in_features: torch.randn(1, m.in_features, device=p.device, dtype=p.dtype) for m in layers}
 
@@ -340,18 +345,18 @@ def in_process(args, folder, have_reference):
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     read_bw, copy_bw = memory_bandwidth(args.device)
     ckpt_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
-    load = lambda: olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    load = lambda: generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
     impls = {"ours": Ours(load())}
     args.vocab_size = impls["ours"].model.config.vocab_size
-    graph = olmo.can_replay_graph(impls["ours"].model)
+    graph = speed.can_replay_graph(impls["ours"].model)
     if graph:  # the same model, decode steps replayed from a CUDA graph
         impls["ours+graph"] = Ours(impls["ours"].model, cuda_graph=True)
     if args.compile:
-        impls["ours+compile+graph" if graph else "ours+compile"] = Ours(olmo.compile_blocks(load()), cuda_graph=graph)
+        impls["ours+compile+graph" if graph else "ours+compile"] = Ours(speed.compile_blocks(load()), cuda_graph=graph)
     if have_reference:
         impls["transformers"] = Reference(folder, args.device, args.dtype)
     model = impls["ours"].model
-    per_token = sum(p.nbytes for p in sample.weights_read_per_token(model))  # each weight once, and one row of
+    per_token = sum(p.nbytes for p in generate.weights_read_per_token(model))  # each weight once, and one row of
     # the embedding table (of a mixture of experts, only the experts a token is routed to)
     # Alternate the implementations for every measurement and keep each one's best: on a shared machine
     # the speed drifts by 10-20% over minutes, and back-to-back blocks would turn that drift into a ratio.
@@ -464,8 +469,8 @@ def whole_processes(args, folder, have_reference):
         with torch.device("meta"):
             meta = olmo.OlmoForCausalLM(olmo.read_config(folder)).to(args.dtype)
         if v != "bf16":
-            olmo.quantize(meta, v, args.dtype)
-        model_bytes[v] = sum(p.nbytes for p in sample.weights_read_per_token(meta))
+            quantization.quantize(meta, v, args.dtype)
+        model_bytes[v] = sum(p.nbytes for p in generate.weights_read_per_token(meta))
     read_bw = statistics.median(reads)
     print(f"\nwhole processes, {args.model}, {args.dtype_name} activations, CPU, "
           f"{args.process_rounds} rounds, medians; read bandwidth {read_bw / 1e9:.1f} GB/s (median of the run)")

@@ -1,12 +1,13 @@
 """
 The OLMo family in one file: the language models of AI2's Open Language Model project.
 
-Reading order. The dense model first, whole: config -> norms -> rotary embedding (plain and YaRN) -> attention
--> MLP -> block -> model. Then what some families add, each in its own section: the mixture of experts (OLMoE,
-FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the runtime, which changes how fast the model computes but not
-what: fast CPU matrix products (Linear), the KV cache, torch.compile and CUDA graphs. Then the checkpoint loader
-(and AI2's training checkpoints), weight-only quantization, tensor parallelism and the tokenizer. Parameter names equal the Hugging Face checkpoint
-names (model.layers.0.self_attn.q_proj.weight, ...), so a checkpoint loads with load_state_dict.
+Reading order, like a paper. The dense model first, whole: config -> norms -> rotary embedding (plain and YaRN) ->
+attention -> MLP -> block -> model. Then what some families add, each in its own section: the mixture of experts
+(OLMoE, FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the KV cache, the checkpoint loader and the tokenizer.
+Parameter names equal the Hugging Face checkpoint names (model.layers.0.self_attn.q_proj.weight, ...), so a
+checkpoint loads with load_state_dict. Everything else lives beside this file: generate.py (sampling, generation),
+quantize.py, tp.py (tensor parallelism), ai2_checkpoints.py (AI2's own checkpoint formats) and speed.py (faster
+kernels, torch.compile, CUDA graphs), which this file uses only to give a loaded model the CPU's fast products.
 
 The generations differ in a few lines, each behind one config flag:
   OLMo 1 (model_type "olmo"):     pre-norm blocks with a LayerNorm that has no weights; optional clip_qkv.
@@ -17,8 +18,6 @@ The generations differ in a few lines, each behind one config flag:
   Olmo Hybrid ("olmo_hybrid"):    3 of 4 layers are Gated DeltaNet (linear attention with a fixed-size state).
 """
 
-import ctypes
-import io
 import json
 import math
 import mmap
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import speed  # load_model gives a model on the CPU the fastest CPU kernels (speed.use_cpu_kernels)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class OlmoConfig:
             raise ValueError(f"{source}: missing key(s) {', '.join(missing)}")
         if d.get("attention_bias"):
             raise ValueError(f"{source}: attention_bias=true was never used by an OLMo release and is not supported")
-        return cls(**{k: v for k, v in d.items() if k in names and k != "attn_implementation"})
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, path):
@@ -327,17 +328,16 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads. Linear is nn.Linear without bias (with faster CPU paths: see
-    the runtime section)."""
+    """Causal self-attention with grouped-query heads."""
 
     def __init__(self, config):
         super().__init__()
         d, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = H, KV, hd  # on this device (tensor parallelism splits them)
-        self.q_proj = Linear(d, H * hd)
-        self.k_proj = Linear(d, KV * hd)
-        self.v_proj = Linear(d, KV * hd)
-        self.o_proj = Linear(H * hd, d)
+        self.n_head, self.n_kv_head, self.head_dim = H, KV, hd  # on this device (tp.py gives a rank fewer)
+        self.q_proj = nn.Linear(d, H * hd, bias=False)
+        self.k_proj = nn.Linear(d, KV * hd, bias=False)
+        self.v_proj = nn.Linear(d, KV * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
         self.clip_qkv = config.clip_qkv
         # QK-norm (all but OLMo 1): over all heads at once, before the split into heads (not per head as in Qwen3)
         self.q_norm = make_norm(config, H * hd) if config.qk_norm else nn.Identity()
@@ -382,9 +382,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -473,7 +473,7 @@ class OlmoModel(nn.Module):
     def layer_inputs(self, kind, state, t, pos, attention_mask):
         """RoPE's cos and sin, and the mask, for the layers of one kind in a step of the time steps t."""
         if kind == "linear_attention":  # Gated DeltaNet: no positions; the padding of these tokens is zeroed
-            return None, None, None if attention_mask is None else attention_mask[:, -len(t):]
+            return (None if attention_mask is None else attention_mask[:, -len(t):],)
         window = self.config.sliding_window if kind == "sliding_attention" else None
         key_t = state.key_times(len(t)) if state is not None else t
         mask = make_mask(t, key_t, window, attention_mask)
@@ -507,8 +507,7 @@ class OlmoForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = OlmoModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.kv_heads = config.num_key_value_heads  # KV heads on this device (tensor_parallel divides them)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:  # OLMo-1B: the output layer is the embedding matrix
             self.lm_head.weight = self.model.embed_tokens.weight
         if self.lm_head.weight.device.type != "meta":  # built on the meta device, a checkpoint fills every weight
@@ -536,11 +535,13 @@ class OlmoForCausalLM(nn.Module):
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, self.kv_heads, device or p.device, dtype or p.dtype, static)
+        kv_heads = next(layer.self_attn.n_kv_head for layer in self.model.layers if hasattr(layer, "self_attn"))
+        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, device=None, dtype=None, mesh=None, quantize=None, revision=None):
-        return load_model(name_or_folder, device=device, dtype=dtype, mesh=mesh, quantize=quantize, revision=revision)
+    def from_pretrained(cls, name_or_folder, device=None, dtype=None, revision=None, attn_implementation=None):
+        """See load_model. Quantized or split across devices: generate.load_model."""
+        return load_model(name_or_folder, device, dtype, revision, attn_implementation)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts)  # the router: one logit per expert
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router: one logit per expert
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
         self.router_logits = None  # (tokens, E) of the last call: for the load-balancing loss, and to look at
 
@@ -610,18 +611,18 @@ class GatedDeltaNet(nn.Module):
         d, K = config.hidden_size, config.linear_conv_kernel_dim
         self.n_k, self.n_v = config.linear_num_key_heads, config.linear_num_value_heads  # q/k heads, v/state heads
         self.d_k, self.d_v = config.linear_key_head_dim, config.linear_value_head_dim
-        self.q_proj = Linear(d, self.n_k * self.d_k)
-        self.k_proj = Linear(d, self.n_k * self.d_k)
-        self.v_proj = Linear(d, self.n_v * self.d_v)
+        self.q_proj = nn.Linear(d, self.n_k * self.d_k, bias=False)
+        self.k_proj = nn.Linear(d, self.n_k * self.d_k, bias=False)
+        self.v_proj = nn.Linear(d, self.n_v * self.d_v, bias=False)
         # a short causal convolution along time on every channel of q, k and v (kernel K, no bias)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (nn.Conv1d(c, c, K, groups=c, bias=False) for c in self.widths)
-        self.a_proj = Linear(d, self.n_v)  # per head: how much to forget (through A_log and dt_bias)
-        self.b_proj = Linear(d, self.n_v)  # per head: how strongly to write
+        self.a_proj = nn.Linear(d, self.n_v, bias=False)  # per head: how much to forget (through A_log and dt_bias)
+        self.b_proj = nn.Linear(d, self.n_v, bias=False)  # per head: how strongly to write
         self.A_log = nn.Parameter(torch.zeros(self.n_v))
         self.dt_bias = nn.Parameter(torch.zeros(self.n_v))
-        self.g_proj = Linear(d, self.n_v * self.d_v)  # the output gate
+        self.g_proj = nn.Linear(d, self.n_v * self.d_v, bias=False)  # the output gate
         self.o_norm = RMSNorm(self.d_v, 1e-5, rounds_first=True)  # per head, eps 1e-5 whatever the config says
-        self.o_proj = Linear(self.n_v * self.d_v, d)
+        self.o_proj = nn.Linear(self.n_v * self.d_v, d, bias=False)
         self.beta_scale = 2.0 if config.linear_allow_neg_eigval else 1.0  # beta in (0, 2): S can also un-learn
 
     @property
@@ -711,7 +712,7 @@ def delta_rule_chunked(q, k, v, g, beta, S, C=64):
 
 class GatedDeltaNetBlock(nn.Module):
     """An Olmo Hybrid layer of kind "linear_attention": Gated DeltaNet and an MLP, pre-norm, under the
-    reference's names for its norms. The model hands it a mask of padding only (no positions: no RoPE)."""
+    reference's names for its norms. The model hands it a mask of padding only: no positions, no RoPE."""
 
     def __init__(self, config):
         super().__init__()
@@ -720,91 +721,9 @@ class GatedDeltaNetBlock(nn.Module):
         self.mlp = MLP(config)
         self.attention_layer_norm, self.feedforward_layer_norm = make_norm(config), make_norm(config)
 
-    def forward(self, x, cos, sin, mask, state=None):
+    def forward(self, x, mask, state=None):
         x = x + self.linear_attn(self.attention_layer_norm(x), mask, state)
         return x + self.mlp(self.feedforward_layer_norm(x))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Runtime: how fast the model computes, not what. Fast CPU matrix products, the KV cache, torch.compile, CUDA graphs
-#
-# bfloat16 matrix products are fast on CPUs with AMX or AVX512-BF16 instructions and several times slower than
-# float32 ones on the others (AVX2 and plain AVX512 hosts, most laptops: the README gives figures). So on those CPUs a
-# step of many tokens (a prompt) multiplies in float32, converting each weight as it is used; memory and decoding stay
-# bfloat16. The float32 path sums in another order than the bfloat16 kernel, so its logits differ in the last bits.
-# One switch, read here, chooses: OLMO_PROMPT_MATMUL=auto (the CPU decides), bfloat16 (always the model's dtype, the
-# reference's kernels) or float32 (always float32). The tests run both paths on every host.
-
-
-def prompt_matmul(choice):
-    """'bfloat16' or 'float32': how a CPU multiplies a bfloat16 step of MANY_ROWS tokens or more."""
-    if choice not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"OLMO_PROMPT_MATMUL must be auto, bfloat16 or float32, got {choice!r}")
-    if choice == "auto":
-        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-        return "bfloat16" if fast else "float32"
-    return choice
-
-
-PROMPT_MATMUL = prompt_matmul(os.environ.get("OLMO_PROMPT_MATMUL", "auto"))
-MANY_ROWS = 32  # tokens per step from which float32 wins on those CPUs (fewer rows: a matrix-vector-like product)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias, multiplied as fast as the CPU allows (on other devices, F.linear). Decoding one token
-    is a matrix-VECTOR product, and decode speed is how fast it streams the weight: on a CPU, see matvec. Not on a
-    GPU: cuBLAS does as well either way, and torch.compile turns torch.mv into slower kernels of its own."""
-
-    def __init__(self, fan_in, fan_out):
-        super().__init__(fan_in, fan_out, bias=False)
-
-    def forward(self, x):
-        if x.device.type == "cpu":
-            if x.numel() == x.shape[-1]:  # a single row
-                return matvec(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-            if x.dtype == torch.bfloat16 and PROMPT_MATMUL == "float32" and x.numel() >= MANY_ROWS * x.shape[-1] \
-                    and not torch.is_grad_enabled():  # (the conversion buffer is reused: not for training)
-                return matmul_in_float32(x, self.weight)
-        return F.linear(x, self.weight)
-
-
-def matvec(weight, x):
-    """weight @ x on a CPU by PyTorch's own matrix-vector kernel, which streams the weight at memory speed. On CPUs
-    with AVX512, PyTorch otherwise hands bfloat16 products (torch.mv and F.linear alike) to oneDNN, which runs one
-    row as a small matrix product, several times slower on some CPUs (README, Speed); oneDNN stays on for the rest."""
-    if torch.compiler.is_compiling():  # the compiler makes kernels of its own
-        return torch.mv(weight, x)
-    was, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
-    try:
-        return torch.mv(weight, x)
-    finally:
-        torch.backends.mkldnn.enabled = was
-
-
-FLOAT32_BLOCK = 1 << 24  # elements of weight converted at a time: 64 MB, allocated once
-
-
-def matmul_in_float32(x, weight, scales=None):
-    """x @ (weight * scales[:, None]).T with float32 arithmetic, for a bfloat16 (or int8, with scales) weight: a block
-    of its rows at a time is converted into one reused float32 buffer (converting into fresh memory costs more in
-    page faults than the conversion itself). Rounded to x's dtype once."""
-    global _float32_buffer
-    if _float32_buffer is None:
-        _float32_buffer = torch.empty(FLOAT32_BLOCK)
-    x32 = x.reshape(-1, x.shape[-1]).float()
-    out = torch.empty(x32.shape[0], weight.shape[0])
-    rows = max(1, FLOAT32_BLOCK // weight.shape[1])
-    for i in range(0, weight.shape[0], rows):
-        w = weight[i:i + rows]
-        block = _float32_buffer[:w.numel()].view(w.shape)
-        block.copy_(w)
-        out[:, i:i + rows] = x32 @ block.t()
-    if scales is not None:
-        out *= scales.float()
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
-
-
-_float32_buffer = None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -851,9 +770,10 @@ class KVCache:
             self.device_length.fill_(length)
         return True
 
-    def advance(self, T):
+    def advance(self, T, on_device=True):
+        """T more time steps are stored. on_device=False: a replayed CUDA graph advances the device copy itself."""
         self.length += T
-        if self.static:
+        if self.static and on_device:
             self.device_length += T
 
 
@@ -911,205 +831,68 @@ class GDNState:
         self.S = torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
                              device=device, dtype=torch.float32)
 
-
-def compile_blocks(model):
-    """torch.compile every block: fuses the norms, RoPE and element-wise work of a step into few kernels (the
-    launch overhead that dominates small-batch decoding on a GPU). All blocks share one graph, because a block
-    gets its own LayerKV rather than a layer index. The model-level code (cache slots, masks) stays eager:
-    Inductor fails on its dynamic ring-slot arithmetic. On a CPU it does not speed up decoding: a step is the
-    weight stream, and Inductor's generated matrix-vector loops stream it no faster than torch.mv."""
-    for layer in model.model.layers:
-        layer.compile(dynamic=True)  # dynamic: the cache grows every step; one graph instead of one per length
-    return model
-
-
-def can_replay_graph(model):
-    """Whether decode steps can be replayed from a CUDA graph (cuda_graph_decoder): on a GPU, in one process (not
-    tried under tensor parallelism), and not a mixture of experts, which picks its experts on the host every step."""
-    return model.model.embed_tokens.weight.device.type == "cuda" and not torch.distributed.is_initialized() \
-        and not model.config.num_experts
-
-
-def cuda_graph_decoder(model, cache):
-    """A function for decode steps, token ids (B, 1) -> next-token logits (B, 1, vocab), that records the step
-    as a CUDA graph on its third call and from then on replays it. At small batch a GPU decode step is hundreds
-    of small kernels whose launches take longer than their work; a replay launches them all at once. The first
-    two calls run normally: they compile (after compile_blocks) and set up cuBLAS, which recording cannot do.
-    A replay returns the same tensor every time, overwritten by the next step."""
-    if not cache.static:
-        raise ValueError("a CUDA graph replays fixed shapes: make the cache with new_cache(..., static=True)")
-    if model.config.num_experts:
-        raise ValueError("a mixture of experts picks its experts on the host every step: it cannot be replayed "
-                         "from a CUDA graph")
-    graph, calls, token_in, logits_out = torch.cuda.CUDAGraph(), 0, None, None
-
-    def step(token):
-        nonlocal calls, token_in, logits_out
-        calls += 1
-        if calls < 3:
-            return model(token, cache=cache, last_only=True)[0]
-        if token_in is None:  # record: forward's Python runs (so the host-side length advances), its kernels wait
-            token_in = token.clone()
-            with torch.cuda.graph(graph):
-                logits_out = model(token_in, cache=cache, last_only=True)[0]
-        else:  # forward's host-side part of the step; the replay advances the device copy
-            cache.check_room(1)
-            cache.length += 1
-        token_in.copy_(token)
-        graph.replay()
-        return logits_out
-    return step
-
-
 # -----------------------------------------------------------------------------------------------------------
-# Loading checkpoints
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+# Loading checkpoints. A folder holds config.json and weights in any layout the releases use: model.safetensors,
+# shards listed in model.safetensors.index.json, pytorch_model.bin (or its shards). AI2's own formats (the original
+# OLMo layout, OLMo-core training checkpoints) are translated to these names by ai2_checkpoints.py.
 
 
-def read_safetensors(path, convert=None, mapped=False):
-    """{name: tensor} from a .safetensors file, each tensor read straight into its own memory and passed through
-    convert(name, tensor) (to a dtype, a device, a rank's slice) before the next is read: the peak is one model
-    plus one tensor.
-    mapped: tensors are not read but mapped, each a read-only view of the file (writing to one crashes the
-    process; a private writable mapping would be charged to memory, and one larger than the machine's is refused),
-    whose pages come from the page cache when first touched. That costs no time and no memory of its own, but
-    decoding from such pages was measured slower than from memory that was read (README), so only weights that are
-    converted right away (quantized) are mapped.
-    Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f, ThreadPoolExecutor(4) as pool:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
-        header.pop("__metadata__", None)
-        out, mapping = {}, None
-        for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
-            file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if file_dtype is None:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info.get("data_offsets", (0, -1))
-            shape = info.get("shape", [])
-            nbytes = math.prod(shape) * file_dtype.itemsize
-            if end - begin != nbytes or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data (shape {shape}, "
-                                 f"{info['dtype']}) but the file has {size - 8 - n}: truncated or corrupt")
-            offset = 8 + n + begin
-            if mapped and offset % file_dtype.itemsize == 0:
-                if mapping is None:
-                    with warnings.catch_warnings():  # torch warns that the buffer is read-only: so are the tensors
-                        warnings.simplefilter("ignore")
-                        mapping = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=torch.uint8)
-                t = mapping[offset:offset + nbytes].view(file_dtype).view(shape)
-                out[name] = convert(name, t) if convert else t
-            else:
-                out[name] = _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert)
-    return out
-
-
-def _read_tensor(f, pool, offset, nbytes, file_dtype, shape, name, convert):
-    """One tensor from an open file, converted; the buffer read is freed on return (when convert copied it),
-    before the next tensor is read."""
-    raw = torch.empty(nbytes, dtype=torch.uint8)
-    # several threads reading 16 MiB pieces at once: one thread's page faults and copies overlap another's reads
-    pieces = [(raw[i:i + (16 << 20)].numpy(), offset + i) for i in range(0, nbytes, 16 << 20)]
-    list(pool.map(lambda p: os.preadv(f.fileno(), [p[0]], p[1]), pieces))
-    t = raw.view(file_dtype).view(shape)
-    return convert(name, t) if convert else t
-
-
-def load_model(name_or_folder, device=None, dtype=None, mesh=None, quantize=None, revision=None):
+def load_model(name_or_folder, device=None, dtype=None, revision=None, attn_implementation=None):
     """An OlmoForCausalLM from a checkpoint folder or a Hugging Face Hub id (e.g. 'allenai/OLMo-2-0425-1B'), at a
     revision of the Hub repository if given (a branch such as 'stage1-step10000-tokens42B', a tag or a commit).
-
-    A folder holds config.json and weights in any layout the releases use: model.safetensors, shards listed in
-    model.safetensors.index.json, pytorch_model.bin (or its shards); or AI2's original layout (config.json of
-    model_type 'hf_olmo', or the trainer's config.yaml, with transformer.blocks.* tensors, also model.pt); or an
-    OLMo-core training checkpoint (stepN/ with config.json and model_and_optim/).
-    The model is built on the meta device and the tensors read from the checkpoint become its parameters, so
-    the weights are never held twice. dtype None keeps the checkpoint's dtype. With a DeviceMesh, the model is
-    split across its ranks (tensor_parallel) and each rank keeps only its share of every split weight.
-    quantize "int8", "int4" or "w8a8": the linear layers in fewer bits (read_quantized; QuantizedLinear)."""
+    dtype None keeps the checkpoint's. On a CPU, the linear layers get the CPU's fastest kernels (speed.py)."""
     folder = resolve_checkpoint(name_or_folder, revision)
-    if quantize is None:
-        model = read_model(folder, device, dtype, mesh)
-    else:
-        model = read_quantized(folder, quantize, device, dtype, mesh)
-    release_freed_memory()
-    return model
-
-
-def release_freed_memory():
-    """Hand the memory that loading freed back to the system, then let the allocator keep what running frees.
-    glibc's allocator keeps freed heap pages for reuse, and loading frees many pieces (float32 blocks being
-    quantized, tensors being converted), which it would otherwise keep resident (README: Quantization). Running is
-    the opposite case: each operation on a prompt allocates its output afresh, megabytes at a time, and by default
-    glibc maps every such block from the system and unmaps it when freed, so each one faults its pages in anew
-    (a 512-token prompt on OLMo-2 1B, a process's first: 104-148 tok/s, 266-293 with blocks up to 32 MB taken from
-    the heap and up to 1 GB of it kept when freed). Where the C library has no malloc_trim (macOS, Windows, musl)
-    there is nothing to call."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap (its maximum)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
-def read_model(name_or_folder, device=None, dtype=None, mesh=None, mapped=False):
-    """load_model's reading: the checkpoint's tensors, placed as they are read, become the parameters of a model
-    built on the meta device. mapped: safetensors weights are mapped from the file rather than read (see
-    read_safetensors), for a model that is converted right away."""
-    folder = resolve_checkpoint(name_or_folder)
-    config = read_config(folder)
-    files, source = checkpoint_files(folder)
-    with torch.device("meta"):  # parameters without memory: the checkpoint's tensors become the parameters
-        model = OlmoForCausalLM(config)
-    if mesh is not None:
-        tensor_parallel(model, mesh)
-    params = dict(model.state_dict(keep_vars=True))
-    state = {}
-    for f in files:  # each tensor placed as it is read, so a rank never holds the whole model
-        if f.suffix == ".safetensors":
-            state.update(read_safetensors(f, lambda name, t: place(name, t, params.get(name), device, dtype), mapped))
-        elif f.name == ".metadata":  # float32 as trained: each tensor in dtype before the next is read
-            state.update(read_dcp(f.parent, "model.", lambda t: place("", t, None, device, dtype)))
-        else:
-            state.update(read_torch_checkpoint(f))
-    if any(k.startswith(("transformer.", "model.transformer.")) for k in state):
-        state = convert_ai2_state_dict(state, config, source)
-    elif "embeddings.weight" in state:
-        state = convert_olmo_core_state_dict(state, config, read_json(folder / "config.json"), source)
-    load_weights(model, state, source, device, dtype)
+    model = empty_model(read_config(folder, attn_implementation))
+    load_checkpoint(model, folder, place_on(device, dtype))
+    if model.model.embed_tokens.weight.device.type == "cpu":
+        speed.use_cpu_kernels(model)
     return model.eval()
 
 
-def place(name, t, param, device=None, dtype=None):
-    """A checkpoint tensor as its parameter needs it: on the device, in dtype (None: as stored), and under
-    tensor parallelism only this rank's slice of it."""
-    if hasattr(t, "placements"):  # placed already
-        return t
-    dtype = stored_dtype(name, dtype)
-    t = t.to(device=device or "cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    if hasattr(param, "placements"):  # split across ranks by tensor_parallel
-        from torch.distributed.tensor import distribute_tensor
-        t = distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
-    return t
+def empty_model(config):
+    """The model with parameters on the meta device, which hold no memory: load_checkpoint makes the checkpoint's
+    tensors the parameters, so the weights are never held twice."""
+    with torch.device("meta"):
+        return OlmoForCausalLM(config)
 
 
-def stored_dtype(name, dtype):
-    """The dtype a parameter is kept in: dtype, but for Gated DeltaNet's decay rates A_log, which the reference keeps
-    in float32 whatever the model's dtype (exp(A_log) scales every step's decay)."""
-    return torch.float32 if name.endswith(".A_log") and dtype is not None else dtype
+def place_on(device=None, dtype=None):
+    """load_checkpoint's `place` for one device: each tensor moved there in dtype (None: as stored), but for Gated
+    DeltaNet's decay rates A_log, which the reference keeps in float32 whatever the model's dtype."""
+    def place(name, t):
+        keep = dtype is None or not t.is_floating_point() or name.endswith(".A_log")
+        return t.to(device=device or "cpu", dtype=t.dtype if keep else dtype)
+    return place
+
+
+def load_checkpoint(model, folder, place, mapped=False):
+    """Fill a model built on the meta device with the tensors of a checkpoint folder. place(name, tensor) -> the
+    tensor as its parameter will hold it (a device and dtype, or under tensor parallelism a rank's share): called
+    on each tensor, under its Hugging Face name, before the next is read, so the peak is one model plus one
+    tensor. mapped: safetensors are mapped from the file rather than read (see read_safetensors)."""
+    files, source = checkpoint_files(folder)
+    rename = lambda name, t: [(name, t)]
+    if not hugging_face_layout(folder):
+        import ai2_checkpoints  # AI2's names -> Hugging Face's
+
+        rename = ai2_checkpoints.hf_names(folder, model.config, source)
+    state = {}
+    for file in files:
+        for name, t in tensors_in(file, mapped):
+            for hf_name, part in rename(name, t):
+                state[hf_name] = place(hf_name, part)
+    load_weights(model, state, source)
+
+
+def tensors_in(file, mapped=False):
+    """(name, tensor) for each tensor of a weights file, one at a time."""
+    if file.suffix == ".safetensors":
+        return safetensors_tensors(file, mapped)
+    if file.name == ".metadata":  # OLMo-core's torch.distributed.checkpoint
+        import ai2_checkpoints
+
+        return ai2_checkpoints.dcp_tensors(file.parent)
+    return read_torch_checkpoint(file).items()
 
 
 def resolve_checkpoint(name_or_folder, revision=None):
@@ -1141,52 +924,26 @@ def resolve_checkpoint(name_or_folder, revision=None):
                       "Without a network, pass a local checkpoint folder instead.") from None
 
 
-def read_config(folder):
-    """OlmoConfig from config.json (Hugging Face, AI2's 'hf_olmo', or an OLMo-core experiment's), or from AI2's
-    trainer config.yaml."""
-    path = folder / "config.json"
-    if path.is_file():
-        d = read_json(path)
-        if d.get("model_type") == "hf_olmo":
-            return config_from_ai2(d, str(path))
-        if "model_type" not in d and isinstance(d.get("model"), dict) and "d_model" in d["model"]:
-            return config_from_olmo_core(d, str(path))
-        return OlmoConfig.from_dict(d, str(path))
-    path = folder / "config.yaml"
-    if path.is_file():
-        try:
-            import yaml
-        except ImportError:
-            raise ImportError(f"reading AI2's {path} needs `pip install pyyaml`") from None
-        return config_from_ai2(yaml.safe_load(path.read_text())["model"], str(path))
-    raise FileNotFoundError(f"no config.json (or AI2 config.yaml) in {folder}")
+def read_config(folder, attn_implementation=None):
+    """OlmoConfig from a checkpoint folder's config.json (or, translated, from AI2's formats)."""
+    folder, path = Path(folder), Path(folder) / "config.json"
+    d = read_json(path) if path.is_file() else {}
+    if not hugging_face_layout(folder):
+        import ai2_checkpoints
+
+        translated = ai2_checkpoints.hf_config(folder)
+        if translated is None and not path.is_file():
+            raise FileNotFoundError(f"no config.json (or AI2 config.yaml) in {folder}")
+        d, path = translated or (d, path)
+    if attn_implementation is not None:
+        d = d | dict(attn_implementation=attn_implementation)
+    return OlmoConfig.from_dict(d, str(path))
 
 
-def config_from_ai2(c, source):
-    """Map AI2's ModelConfig keys (allenai/OLMo trainer) onto OlmoConfig. Only what was released is accepted."""
-    refuse = {"alibi": True, "include_bias": True, "bias_for_layer_norm": True, "multi_query_attention": True,
-              "scale_logits": True, "rope": False}
-    bad = [f"{k}={c[k]}" for k, v in refuse.items() if k in c and c[k] == v]
-    if c.get("block_type", "sequential") != "sequential":
-        bad.append(f"block_type={c['block_type']}")
-    olmo2 = bool(c.get("norm_after")) and bool(c.get("attention_layer_norm")) and c.get("layer_norm_type") == "rms"
-    olmo1 = not c.get("norm_after") and not c.get("attention_layer_norm") and c.get("layer_norm_type", "default") == "default" \
-        and not c.get("layer_norm_with_affine")
-    if not (olmo1 or olmo2):
-        bad.append("a norm layout that is neither OLMo 1's nor OLMo 2's")
-    if olmo2 and c.get("clip_qkv"):  # AI2's trainer clips before the QK-norm; only OLMoE clips beside one (after)
-        bad.append(f"clip_qkv={c['clip_qkv']} with the QK-norm")
-    if bad:
-        raise ValueError(f"{source}: not a released OLMo architecture ({', '.join(bad)})")
-    d, heads = c["d_model"], c["n_heads"]
-    mlp = c.get("mlp_hidden_size") or c.get("mlp_ratio", 4) * d  # the fused up+gate width
-    return OlmoConfig(model_type="olmo2" if olmo2 else "olmo", vocab_size=c.get("embedding_size") or c["vocab_size"],
-                      hidden_size=d, intermediate_size=mlp // 2, num_hidden_layers=c["n_layers"],
-                      num_attention_heads=heads, num_key_value_heads=c.get("n_kv_heads") or heads,
-                      max_position_embeddings=c.get("max_sequence_length", 1024), rope_theta=c.get("rope_theta", 10000.0),
-                      rms_norm_eps=c.get("layer_norm_eps", 1e-5), clip_qkv=c.get("clip_qkv"),
-                      tie_word_embeddings=c.get("weight_tying", True), eos_token_id=c.get("eos_token_id"),
-                      pad_token_id=c.get("pad_token_id"))
+def hugging_face_layout(folder):
+    """Whether a folder's config.json is a Hugging Face OLMo config (else: AI2's formats, or not a checkpoint)."""
+    path = Path(folder) / "config.json"
+    return path.is_file() and read_json(path).get("model_type") in MODEL_TYPES + ("olmo_1124",)
 
 
 def checkpoint_files(folder):
@@ -1210,7 +967,7 @@ def checkpoint_files(folder):
 
 def read_torch_checkpoint(path):
     """{name: tensor} from a pickled PyTorch checkpoint, loading tensors only (no code). Not memory-mapped,
-    for the reason in read_safetensors; load_weights converts and frees them one at a time."""
+    for the reason in read_safetensors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1218,45 +975,8 @@ def read_torch_checkpoint(path):
     return state.get("model", state) if isinstance(state, dict) else state
 
 
-def convert_ai2_state_dict(state, config, source):
-    """AI2's original names -> Hugging Face names. The fused projections are split by rows:
-    att_proj = [q (d rows); k (KV*hd); v (KV*hd)], ff_proj = [up (I rows); gate (I)] (up FIRST: a swap still
-    gives fluent-looking nonsense, not an error)."""
-    kv = config.num_key_value_heads * config.head_dim
-    renames = {"attn_out": "self_attn.o_proj", "ff_out": "mlp.down_proj", "q_norm": "self_attn.q_norm",
-               "k_norm": "self_attn.k_norm", "attn_norm": "post_attention_layernorm",
-               "ff_norm": "post_feedforward_layernorm"}
-    out = {}
-    for name, t in state.items():
-        parts = name.removeprefix("model.").split(".")
-        if parts[0] != "transformer":
-            raise ValueError(f"{source}: tensor {name} is not an AI2 OLMo tensor (expected transformer.*)")
-        if parts[1] == "wte":
-            out["model.embed_tokens.weight"] = t
-        elif parts[1] == "ff_out":
-            out["lm_head.weight"] = t
-        elif parts[1] == "ln_f":
-            out["model.norm.weight"] = t
-        elif parts[1] == "blocks" and len(parts) == 5:
-            pre, kind = f"model.layers.{parts[2]}.", parts[3]
-            if kind == "att_proj":
-                q, k, v = t.split([config.hidden_size, kv, kv], dim=0)
-                out.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
-                            pre + "self_attn.v_proj.weight": v})
-            elif kind == "ff_proj":
-                up, gate = t.chunk(2, dim=0)
-                out.update({pre + "mlp.up_proj.weight": up, pre + "mlp.gate_proj.weight": gate})
-            elif kind in renames:
-                out[pre + renames[kind] + "." + parts[4]] = t
-            else:
-                raise ValueError(f"{source}: unexpected AI2 tensor {name}")
-        else:
-            raise ValueError(f"{source}: unexpected AI2 tensor {name}")
-    return out
-
-
-def load_weights(model, state, source, device=None, dtype=None):
-    """Assign checkpoint tensors (Hugging Face names) to the model's parameters, checking names and shapes."""
+def load_weights(model, state, source):
+    """Make checkpoint tensors (Hugging Face names, placed) the model's parameters, checking names and shapes."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     if tied:
@@ -1277,7 +997,6 @@ def load_weights(model, state, source, device=None, dtype=None):
         if tuple(state[name].shape) != tuple(p.shape):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
                              f"the config expects {tuple(p.shape)}")
-        state[name] = place(name, state[name], p, device, dtype)
     model.load_state_dict(state, assign=True, strict=not tied)
     if tied:  # assign=True replaced the embedding Parameter; point the head at it again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -1300,414 +1019,64 @@ def hybrid_as_saved(state, expected):
         if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
             state.update(zip(names, torch.cat(parts).split(widths)))
 
-
 # -----------------------------------------------------------------------------------------------------------
-# AI2's training checkpoints. OLMo-core, AI2's current trainer, saves stepN/config.json (the experiment's config:
-# "model" is its TransformerConfig) and stepN/model_and_optim/: torch.distributed.checkpoint's layout, a pickled
-# index (.metadata) and __{rank}_{n}.distcp files of torch.save'd tensors at byte offsets, each tensor in one chunk
-# per rank that saved it, the model's and the optimizer's together. Its names are its own (blocks.0.attention.w_q).
+# Loading checkpoints
 
-OLMO_CORE_NAMES = {"embeddings.weight": "model.embed_tokens.weight", "lm_head.norm.weight": "model.norm.weight",
-                   "lm_head.w_out.weight": "lm_head.weight", "attention.w_q": "self_attn.q_proj",
-                   "attention.w_k": "self_attn.k_proj", "attention.w_v": "self_attn.v_proj",
-                   "attention.w_out": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm",
-                   "attention.k_norm": "self_attn.k_norm", "attention_norm": "post_attention_layernorm",
-                   "feed_forward_norm": "post_feedforward_layernorm", "feed_forward.w1": "mlp.gate_proj",
-                   "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-                   "feed_forward_moe.router": "mlp.gate"}
-# The classes a .metadata pickle is made of. Unpickling runs whatever a pickle names, so these alone are admitted,
-# and none of them is imported: each becomes a plain record of its fields (torch.Size and dtypes are themselves).
-DCP_RECORDS = {("torch.distributed.checkpoint.metadata", n) for n in (
-    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-    ("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class PickledRecord:
-    def __init__(self, *args):  # an enum's value
-        self.state = args
-
-    def __setstate__(self, state):  # a dataclass's fields (a dict), or TensorProperties' tuple
-        self.state = state
+def read_safetensors(path, mapped=False):
+    """{name: tensor} of a .safetensors file (see safetensors_tensors)."""
+    return dict(safetensors_tensors(path, mapped))
 
 
-def read_dcp_metadata(path):
-    """The index of a torch.distributed.checkpoint folder: {name: (dtype, shape, [(chunk offsets, chunk shape,
-    file, byte offset, byte length)])}, read by an unpickler that admits only DCP_RECORDS."""
-    import pickle
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) in DCP_RECORDS:
-                return type(name, (PickledRecord,), {})
-            if module == "torch" and isinstance(vars(torch).get(name), torch.dtype) or (module, name) == ("torch", "Size"):
-                return getattr(torch, name)
-            if (module, name) == ("torch.serialization", "_get_layout"):
-                return str  # the layout's name: every saved tensor is strided
-            raise pickle.UnpicklingError(f"{path} asks to load {module}.{name}, which a checkpoint index never "
-                                         "needs: refused (a pickle can run code; this one is not trusted)")
-    try:
-        with open(path, "rb") as f:
-            meta = Unpickler(f).load().state
-        where = {(i.state["fqn"], tuple(i.state["offset"])): s.state for i, s in meta["storage_data"].items()
-                 if i.state.get("offset") is not None}
-        index = {}
-        for name, entry in meta["state_dict_metadata"].items():
-            if type(entry).__name__ != "TensorStorageMetadata":
-                continue  # the optimizer's step counts, learning rates, ...
-            props = entry.state["properties"].state
-            chunks = [(tuple(c.state["offsets"]), tuple(c.state["sizes"]), where[name, tuple(c.state["offsets"])])
-                      for c in entry.state["chunks"]]
-            index[name] = (props["dtype"] if isinstance(props, dict) else props[0], tuple(entry.state["size"]),
-                           [(o, z, w["relative_path"], w["offset"], w["length"]) for o, z, w in chunks])
-    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a torch.distributed.checkpoint index ({type(e).__name__}: {e})") from None
-    return index
-
-
-def read_dcp(folder, prefix, convert=None):
-    """{name: tensor} of the tensors whose names start with prefix (the model's "model."), each glued from its
-    chunks and passed through convert(tensor) before the next is read; the bytes of other entries (the
-    optimizer's, two or three times the model's) are never read."""
-    index = read_dcp_metadata(folder / ".metadata")
-    state, files = {}, {}
-    try:
-        for name, (dtype, shape, chunks) in index.items():
-            if not name.startswith(prefix):
-                continue
-            t = torch.empty(shape, dtype=dtype)
-            for offsets, sizes, file, start, length in chunks:
-                if file not in files:
-                    if not (folder / file).is_file():
-                        raise FileNotFoundError(f"{folder}: {file}, which holds {name}, is missing")
-                    files[file] = open(folder / file, "rb")
-                files[file].seek(start)
-                blob = files[file].read(length)
-                if len(blob) != length:
-                    raise ValueError(f"{folder / file}: truncated ({name} needs bytes {start}..{start + length})")
-                chunk = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-                if tuple(chunk.shape) != sizes:
-                    raise ValueError(f"{folder / file}: a chunk of {name} has shape {tuple(chunk.shape)}, the index says {sizes}")
-                t[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))] = chunk
-            state[name.removeprefix(prefix)] = convert(t) if convert else t
-    finally:
-        for f in files.values():
-            f.close()
-    return state
-
-
-def config_from_olmo_core(experiment, source):
-    """OlmoConfig from an OLMo-core experiment config (its "model" a TransformerConfig as a dict). Only what
-    olmo.py computes as OLMo-core does is accepted; anything else is named and refused."""
-    c, bad = experiment["model"], []
-    check = lambda ok, what: ok or bad.append(what)
-    n, d = c["n_layers"], c["d_model"]
-    if "name" not in c["block"] or c.get("block_pattern"):  # a dict of named blocks: a hybrid
-        raise ValueError(f"{source}: blocks of several kinds (a hybrid model) are not supported from OLMo-core checkpoints")
-    blocks = [(c.get("block_overrides") or {}).get(str(i)) or c["block"] for i in range(n)]
-    mixers = [b.get("sequence_mixer") or b["attention"] for b in blocks]
-
-    def window(i, sw):  # OLMo-core's rule: the pattern repeats, after a first layer forced to full attention
-        first, last = sw.get("force_full_attention_on_first_layer", True), sw.get("force_full_attention_on_last_layer", True)
-        return -1 if first and i == 0 or last and i == n - 1 else sw["pattern"][(i - first) % len(sw["pattern"])]
-    windows = [window(i, a["sliding_window"]) if a.get("sliding_window") else -1 for i, a in enumerate(mixers)]
-    scalings = [(a.get("rope") or {}).get("scaling") for a in mixers]
-    # every layer alike but for its window and rope scaling
-    alike = lambda b, a: json.dumps({**b, "sequence_mixer": {**a, "sliding_window": 0, "rope": {**(a.get("rope") or {}), "scaling": 0}},
-                                     "attention": 0}, sort_keys=True)
-    check(len({alike(b, a) for b, a in zip(blocks, mixers)}) == 1, "layers of different shapes")
-    b, a, moe, ff = blocks[0], mixers[0], blocks[0].get("feed_forward_moe"), blocks[0].get("feed_forward")
-    rope, eps = a.get("rope") or {}, b["layer_norm"]["eps"]
-    check(b["name"] in ("reordered_norm", "moe_reordered_norm"), f"block {b['name']}")
-    check(a.get("type", "attention") == "attention" and a.get("name", "default") == "default", f"sequence mixer {a.get('name')}")
-    check(a.get("head_dim") in (None, d // a["n_heads"]), f"head_dim={a.get('head_dim')} (not d_model / n_heads)")
-    check(a.get("qk_norm") is not None, "attention without QK-norm")
-    for key in ("bias", "gate", "clip_qkv", "use_head_qk_norm", "scalable_softmax", "attention_sinks"):
-        check(not a.get(key), f"attention {key}={a.get(key)}")
-    check(rope.get("name") == "default" and rope.get("partial_rotary_factor", 1.0) == 1.0 and not rope.get("no_global_rope"),
-          f"rope {rope}")
-    for norm in (b["layer_norm"], a.get("qk_norm") or {}, c["lm_head"]["layer_norm"]):
-        check(norm.get("name") in ("rms", "fused_rms") and not norm.get("bias") and norm.get("eps") == eps, f"layer norm {norm}")
-    if moe:
-        r = moe.get("router", {})
-        check(not moe.get("shared_mlp") and not moe.get("latent_moe"), "shared or latent experts")
-        check(r.get("gating_function", "softmax") == "softmax" and r.get("normalize_expert_weights") in (None, 1)
-              and not any(r.get(k) for k in ("bias_gamma", "uniform_expert_assignment", "random_expert_assignment")), f"router {r}")
-        check(windows.count(-1) == n and not scalings[0], "sliding windows or rope scaling with experts")
-    else:
-        check(ff.get("activation", "silu") == "silu" and not ff.get("bias"), f"feed-forward {ff}")
-    check(not c.get("embedding_norm") and not c.get("embed_scale") and not c["lm_head"].get("bias"), "embedding norm or scale, or a head bias")
-    check(c.get("name", "default") in ("default", "moe"), f"transformer {c.get('name')}")
-    check(len(set(windows) - {-1}) <= 1, f"sliding windows of several sizes {set(windows) - {-1}}")
-    check(all(s is None for s, w in zip(scalings, windows) if w != -1), "rope scaling on sliding-window layers")
-    yarn = scalings[windows.index(-1)] if -1 in windows else None
-    check(len({json.dumps(s) for s, w in zip(scalings, windows) if w == -1}) <= 1, "different rope scalings on full layers")
-    check(yarn is None or yarn.get("_CLASS_", "").endswith("YaRNRoPEScalingConfig"), f"rope scaling {yarn}")
-    if bad:
-        raise ValueError(f"{source}: an OLMo-core model that olmo.py does not compute ({', '.join(sorted(set(bad)))})")
-    tokenizer = next(_find_key(experiment, "eos_token_id"), {})
-    keys = dict(vocab_size=c["vocab_size"], hidden_size=d, num_hidden_layers=n, num_attention_heads=a["n_heads"],
-                num_key_value_heads=a.get("n_kv_heads") or a["n_heads"], rope_theta=float(rope["theta"]), rms_norm_eps=eps,
-                tie_word_embeddings=c.get("tie_word_embeddings", False), eos_token_id=tokenizer.get("eos_token_id"),
-                pad_token_id=tokenizer.get("pad_token_id"))
-    if moe:
-        return OlmoConfig(model_type="flex_olmo", intermediate_size=moe["hidden_size"], num_experts=moe["num_experts"],
-                          num_experts_per_tok=moe["router"]["top_k"], norm_topk_prob=r.get("normalize_expert_weights") == 1, **keys)
-    if yarn is None and windows.count(-1) == n:
-        return OlmoConfig(model_type="olmo2", intermediate_size=ff["hidden_size"], **keys)
-    yarn = yarn and dict(rope_type="yarn", factor=yarn["factor"], original_max_position_embeddings=yarn["old_context_len"],
-                         beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"], attention_factor=0.1 * math.log(yarn["factor"]) + 1)
-    return OlmoConfig(model_type="olmo3", intermediate_size=ff["hidden_size"], sliding_window=max(windows), rope_scaling=yarn,
-                      layer_types=["full_attention" if w == -1 else "sliding_attention" for w in windows], **keys)
-
-
-def _find_key(tree, key):
-    """The dicts within a JSON tree that hold key (the tokenizer's settings in an experiment config)."""
-    if isinstance(tree, dict):
-        yield from [tree] if key in tree else []
-        for v in tree.values():
-            yield from _find_key(v, key)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _find_key(v, key)
-
-
-def convert_olmo_core_state_dict(state, config, experiment, source):
-    """OLMo-core names -> Hugging Face names. A mixture's router is one flat vector (E * d), and its experts are
-    fused in one matrix each: the default experts' w1, w2, w3 are (E * d, h), (E * h, d), (E * d, h), used as
-    x @ w; the dropless experts' all (E * h, d), used as x @ w1^T, x @ w3^T and x @ w2. Both are cut into the
-    per-expert (out, in) matrices of nn.Linear."""
-    E, d = config.num_experts, config.hidden_size
-    experts_layout = (experiment["model"]["block"].get("feed_forward_moe") or {}).get("name", "default")
-    out = {}
-    for name, t in state.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|w[123])", name)
-        if name in OLMO_CORE_NAMES:
-            out[OLMO_CORE_NAMES[name]] = t
-        elif m and m[2] == "feed_forward_moe.experts.mlp":
-            w = t.view(E, -1, t.shape[-1])  # (E, d, h) default; (E, h, d) dropless
-            if experts_layout == "default" or m[3] == "w2":
-                w = w.transpose(1, 2)
-            names = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-            out.update({f"model.layers.{m[1]}.mlp.experts.{e}.{names[m[3]]}.weight": w[e].contiguous() for e in range(E)})
-        elif m and m[2] in OLMO_CORE_NAMES:
-            out[f"model.layers.{m[1]}.{OLMO_CORE_NAMES[m[2]]}.weight"] = t.view(E, d) if m[2].endswith("router") else t
-        else:
-            raise ValueError(f"{source}: unexpected OLMo-core tensor {name}")
-    return out
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Quantization. Decoding reads every weight once per token, so fewer bytes per weight decode faster wherever memory
-# bandwidth is the limit, and a model fits in less memory (half of bfloat16's in int8, a quarter in int4). Norms and
-# the embedding table stay as they are: the embedding is read one row per token, so quantizing it would save memory
-# but no time. int8 and int4 are weight-only (activations stay as they are); w8a8 rounds each layer's input to
-# 7-bit levels too, so the product runs in integers, in a faster kernel on x86 CPUs but with a larger error
-# (README, Quantization).
-
-QUANTIZATIONS = {"int8": 8, "int4": 4, "w8a8": 8}
-INT4_GROUP = 32  # inputs that share an int4 scale and offset
-
-
-class QuantizedLinear(nn.Module):
-    """A bias-free linear layer whose weight is stored in fewer bits and expanded as it is used.
-      int8: w = s q, q = round(w / s) in [-127, 127], one scale s = max|w| / 127 per output row (symmetric).
-      int4: w = s (q - 8) + z for each group of 32 inputs of a row: q in [0, 15], s = (max - min) / 15 and
-            z = min + 8 s, so the group's range spreads over the 16 levels. Packed two to a byte in the layout of
-            PyTorch's CPU kernel: int4 runs on CPUs only.
-      w8a8: int8's weight, packed for fbgemm (PyTorch's x86 integer kernels), and its input rounded too: see
-            int8_product. x86 CPUs only."""
-
-    def __init__(self, weight, bits, dtype, int8_inputs=False):
-        super().__init__()
-        self.bits, (self.out_features, self.in_features) = bits, weight.shape
-        with torch.no_grad():
-            q, scales = quantize_int8(weight, dtype) if bits == 8 else quantize_int4(weight, dtype)
-        self.packed = pack_for_fbgemm(q, scales) if int8_inputs and not q.is_meta else None
-        if self.packed is None:
-            self.weight = nn.Parameter(q, requires_grad=False)
-        else:  # the packed copy is the weight; this empty stand-in only tells its shape and bytes
-            self.weight = torch.empty(q.shape, dtype=torch.int8, device="meta")
-        self.scales = nn.Parameter(scales, requires_grad=False)  # int4: (in / 32, out, 2) scale and offset
-
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        if self.packed is not None:
-            out = int8_product(x2, self.packed).to(x.dtype)
-        elif self.bits == 4:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales)
-        elif x.device.type != "cpu" or torch.is_grad_enabled():
-            out = F.linear(x2, self.dequantize())  # the plain math (a GPU compiles it into one kernel)
-        elif x2.shape[0] < MANY_ROWS and x.dtype == self.scales.dtype != torch.float32:
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # PyTorch's int8 CPU kernel
-        else:  # a prompt, or float32 activations (for which that kernel is slow)
-            out = matmul_in_float32(x2, self.weight, self.scales)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def dequantize(self):  # int8 only
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
-
-
-FBGEMM_ROWS = 8192  # rows packed together: fbgemm packs a 100352-row lm_head 3.6x faster in pieces of this size
-
-
-def pack_for_fbgemm(q, scales):
-    """int8 levels q (out, in) and their row scales -> fbgemm's packed weight (its own copy, in its tile layout), as
-    a list of pieces of at most FBGEMM_ROWS rows."""
-    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        raise ValueError(f"w8a8 needs fbgemm, PyTorch's x86 integer kernels (this PyTorch's quantized engine is "
-                         f"{torch.backends.quantized.engine!r}): use int8")
-    pieces = []
-    try:
-        with warnings.catch_warnings():  # PyTorch 2.13 deprecates quantized tensors, which only carry q to the packing
-            warnings.simplefilter("ignore")
-            for i in range(0, q.shape[0], FBGEMM_ROWS):
-                s = scales[i:i + FBGEMM_ROWS].double()
-                weight = torch._make_per_channel_quantized_tensor(q[i:i + FBGEMM_ROWS], s, torch.zeros(len(s), dtype=torch.long), 0)
-                pieces.append(torch.ops.quantized.linear_prepack(weight, None))
-    except (AttributeError, RuntimeError) as e:  # a PyTorch that has removed them
-        raise ValueError(f"w8a8 needs fbgemm's quantized::linear_prepack, which PyTorch {torch.__version__} does not "
-                         f"provide ({type(e).__name__}: {e}): use int8") from None
-    return pieces
-
-
-def int8_product(x, packed):
-    """x (rows, in) @ w.T with integer arithmetic. Each row is divided by its largest |value|, so one token's
-    outliers do not coarsen another's levels; fbgemm rounds the rows (now within [-1, 1]) to unsigned levels with one
-    scale and offset, multiplies them with the int8 weight summing in int32, and scales the sums back; each row's
-    maximum is multiplied back. reduce_range: a 7-bit range (0..127; its top may round to 128), since AVX2's kernel
-    adds pairs of byte products in 16 bits, which 8-bit levels overflow (2 x 255 x 127 > 32767): the same sums on
-    every x86 CPU."""
-    x32 = x.float()
-    peak = x32.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-    rows = x32 / peak
-    return torch.cat([torch.ops.quantized.linear_dynamic(rows, piece, True) for piece in packed], 1).mul_(peak)
-
-
-def quantize_int8(w, dtype, rows=256):
-    """A float weight (out, in) -> int8 q and scales (out,) in dtype, a few rows at a time (the float32 temporaries
-    stay in the cache instead of streaming whole matrices through memory). q is rounded against the scale as stored, so s q is the
-    nearest level (and the clamp catches a scale that rounding made smaller)."""
-    q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.empty(w.shape[0], dtype=dtype, device=w.device)
-    for i in range(0, w.shape[0], rows):
-        block = w[i:i + rows].to(torch.float32, copy=True)  # its own memory: w may be a read-only mapping
-        lo, hi = torch.aminmax(block, dim=1)
-        s = (torch.maximum(-lo, hi) / 127).clamp_(min=1e-12).to(dtype)
-        q[i:i + rows] = block.div_(s.float()[:, None]).round_().clamp_(-127, 127)
-        scales[i:i + rows] = s
-    return q, scales
-
-
-def quantize_int4(w, dtype, rows=256):
-    """A float weight (out, in) -> int4 levels packed for the CPU kernel, and (in / 32, out, 2) scales and offsets."""
-    q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
-    s = torch.empty(w.shape[0], w.shape[1] // INT4_GROUP, device=w.device)
-    lo = torch.empty_like(s)
-    for i in range(0, w.shape[0], rows):
-        g = w[i:i + rows].to(torch.float32, copy=True).view(-1, w.shape[1] // INT4_GROUP, INT4_GROUP)  # (rows, groups, 32)
-        g_lo, g_hi = torch.aminmax(g, dim=-1)
-        g_s = ((g_hi - g_lo) / 15).clamp_(min=1e-6)
-        q[i:i + rows] = g.sub_(g_lo[..., None]).div_(g_s[..., None]).round_().clamp_(0, 15).view(-1, w.shape[1])
-        s[i:i + rows], lo[i:i + rows] = g_s, g_lo
-    if q.is_meta:  # shapes only (counting a model's bytes): two levels to a byte
-        packed = torch.empty(w.shape[0], w.shape[1] // 2, dtype=torch.uint8, device="meta")
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    return packed, torch.stack([s, lo + 8 * s], -1).transpose(0, 1).contiguous().to(dtype)
-
-
-def read_quantized(name_or_folder, mode, device=None, dtype=None, mesh=None):
-    """load_model's quantized reading: the checkpoint is mapped as stored, its linear layers quantized one at a time,
-    and the other weights converted to dtype in their own memory, which releases the file: the peak is about the
-    quantized model plus one layer's weight, so a model can load quantized on a machine that cannot hold it unquantized."""
-    if mesh is not None:
-        raise ValueError("quantization is not combined with tensor parallelism")
-    if mode in ("int4", "w8a8") and device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"{mode} uses PyTorch's CPU kernels: use int8 on other devices")
-    model = read_model(name_or_folder, mapped=True)  # as stored, on the CPU: views of the file
-    dtype = dtype or model.model.embed_tokens.weight.dtype
-    quantize(model, mode, dtype)
-    for name, p in model.named_parameters():
-        if p.is_floating_point():  # in memory of its own: the file's mapping is released
-            p.data = p.data.to(stored_dtype(name, dtype), copy=True)
-    return model.to(device or "cpu")
-
-
-def quantize(model, mode, dtype=None):
-    """Replace the linear layers of every block and an untied lm_head by QuantizedLinear ("int8", "int4", "w8a8"), one at a
-    time: the peak is the quantized model plus one weight being converted. A mixture's router (a small matrix whose
-    rounding could flip a close routing decision) stays as it is. int4 needs out % 16 == 0 and in % 32 == 0 (the
-    kernel's tiles); a layer that is not so shaped (OLMo 3's 100278-row lm_head) gets int8. dtype: the activations'
-    (default: the weights')."""
-    if mode not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {mode!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not Linear or (isinstance(parent, MoE) and name == "gate") or (tied and child is model.lm_head):
-                continue
-            w = child.weight
-            if w.device.type not in ("cpu", "meta") and mode in ("int4", "w8a8"):
-                raise ValueError(f"{mode} uses PyTorch's CPU kernels: quantize on the CPU, or use int8")
-            bits = 4 if mode == "int4" and w.shape[0] % 16 == 0 and w.shape[1] % INT4_GROUP == 0 else 8
-            setattr(parent, name, QuantizedLinear(w, bits, dtype or w.dtype, mode == "w8a8").to(w.device))
-    return model
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Tensor parallelism: split each block across the devices of a 1-D DeviceMesh with PyTorch's DTensor
-
-
-class ShardedRMSNorm(RMSNorm):
-    """The QK-norm of a rank that holds only some heads: the mean square runs over the FULL width, so the
-    ranks all-reduce their sums of squares; the weight is sharded like the heads."""
-
-    def __init__(self, norm, mesh):
-        super().__init__(norm.weight.shape[0], norm.eps, norm.rounds_first)
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        self.weight = nn.Parameter(distribute_tensor(norm.weight.data, mesh, [Shard(0)]))
-        self.mesh, self.width = mesh, norm.weight.shape[0]
-
-    def forward(self, x):  # x: (B, T, width / ranks), this rank's heads
-        from torch.distributed._functional_collectives import all_reduce
-
-        xf = x.float()
-        squares = all_reduce(xf.pow(2).sum(-1, keepdim=True), "sum", self.mesh)
-        return self.times_weight(xf * torch.rsqrt(squares / self.width + self.eps), self.weight.to_local(), x.dtype)
-
-
-def tensor_parallel(model, mesh):
-    """Megatron-style tensor parallelism: q/k/v and gate/up split by output rows (each rank owns whole heads
-    and a slice of the MLP), o_proj and down_proj by input columns (their partial sums are all-reduced), an
-    untied lm_head by vocabulary rows (logits all-gathered). Embedding, residual stream and norms stay whole."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    c, n = model.config, mesh.size()
-    if c.num_attention_heads % n or c.num_key_value_heads % n:
-        raise ValueError(f"{n} ranks cannot split {c.num_attention_heads} query / {c.num_key_value_heads} key-value heads evenly")
-    if "linear_attention" in c.layer_types:
-        raise ValueError("tensor parallelism does not split Olmo Hybrid's Gated DeltaNet layers; run it on one device")
-    plan = {}
-    for i in range(c.num_hidden_layers):
-        plan |= {f"model.layers.{i}.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
-        # a mixture of experts: the router stays whole (every rank routes alike), each expert is split as an MLP
-        mlps = [f"model.layers.{i}.mlp.experts.{e}" for e in range(c.num_experts)] if c.num_experts else [f"model.layers.{i}.mlp"]
-        for mlp in mlps:
-            plan |= {f"{mlp}.gate_proj": ColwiseParallel(), f"{mlp}.up_proj": ColwiseParallel(), f"{mlp}.down_proj": RowwiseParallel()}
-    if not c.tie_word_embeddings:  # a tied head is the embedding, which stays whole
-        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-    parallelize_module(model, mesh, plan)
-    model.kv_heads //= n
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        attn.n_head, attn.n_kv_head = attn.n_head // n, attn.n_kv_head // n  # heads on this rank
-        if isinstance(attn.q_norm, RMSNorm):
-            attn.q_norm, attn.k_norm = ShardedRMSNorm(attn.q_norm, mesh), ShardedRMSNorm(attn.k_norm, mesh)
-    return model
+def safetensors_tensors(path, mapped=False):
+    """(name, tensor) for each tensor of a .safetensors file, each read straight into its own memory when it is
+    asked for: a loader that converts it before asking for the next holds one model plus one tensor at its peak.
+    mapped: tensors are not read but mapped, each a read-only view of the file (writing to one crashes the
+    process; a private writable mapping would be charged to memory, and one larger than the machine's is refused),
+    whose pages come from the page cache when first touched. That costs no time and no memory of its own, but
+    decoding from such pages was measured slower than from memory that was read (docs/speed.md), so only weights
+    that are converted right away (quantized) are mapped.
+    Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f, ThreadPoolExecutor(4) as pool:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        mapping = None
+        for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+            file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if file_dtype is None:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info.get("data_offsets", (0, -1))
+            shape = info.get("shape", [])
+            nbytes = math.prod(shape) * file_dtype.itemsize
+            if end - begin != nbytes or 8 + n + end > size:
+                raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data (shape {shape}, "
+                                 f"{info['dtype']}) but the file has {size - 8 - n}: truncated or corrupt")
+            offset = 8 + n + begin
+            if mapped and offset % file_dtype.itemsize == 0:
+                if mapping is None:
+                    with warnings.catch_warnings():  # torch warns that the buffer is read-only: so are the tensors
+                        warnings.simplefilter("ignore")
+                        mapping = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=torch.uint8)
+                yield name, mapping[offset:offset + nbytes].view(file_dtype).view(shape)
+            else:
+                raw = torch.empty(nbytes, dtype=torch.uint8)
+                # several threads reading 16 MiB pieces at once: one's page faults and copies overlap another's reads
+                pieces = [(raw[i:i + (16 << 20)].numpy(), offset + i) for i in range(0, nbytes, 16 << 20)]
+                list(pool.map(lambda p: os.preadv(f.fileno(), [p[0]], p[1]), pieces))
+                yield name, raw.view(file_dtype).view(shape)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1783,10 +1152,12 @@ def load_tokenizer(folder_or_file):
     path = Path(folder_or_file)
     file = path / "tokenizer.json" if path.is_dir() else path
     if path.is_dir() and not file.is_file() and (path / "config.json").is_file():
-        named = [t["identifier"] for t in _find_key(read_json(path / "config.json"), "identifier") if "eos_token_id" in t]
+        import ai2_checkpoints
+
+        named = ai2_checkpoints.tokenizer_id(path)
         if named:
             try:
-                file = resolve_checkpoint(named[0]) / "tokenizer.json"
+                file = resolve_checkpoint(named) / "tokenizer.json"
             except (OSError, ImportError) as e:
                 raise OSError(f"{path} has no tokenizer.json, and the tokenizer its config.json names could not be "
                               f"loaded: {e} Pass a tokenizer folder or file (sample.py --tokenizer).") from None

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+import generate
 import olmo
+import speed
 
 
 def parse_args(argv=None):
@@ -110,70 +112,6 @@ def setup_tensor_parallel(device):
     return init_device_mesh(device.type, (world,)), device  # the process group: nccl on GPUs, gloo on CPUs
 
 
-# ---- sampling ------------------------------------------------------------------------------------------------
-
-
-def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1, generator=generator)
-
-
-def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> the probabilities (B, V) that sample_next draws from: temperature, then the filters."""
-    logits = logits.float() / temperature
-    if top_k is not None:  # drop everything below the k-th largest logit
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:  # keep the most likely tokens until their probability mass reaches top_p
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached p (keeps >= 1)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
-def decode_step(model, cache):
-    """A decode step, token ids (B, 1) -> next-token logits (B, 1, vocab), keys from the cache; with a static
-    cache, replayed from a CUDA graph (olmo.cuda_graph_decoder)."""
-    if cache.static:
-        return olmo.cuda_graph_decoder(model, cache)
-    return lambda token: model(token, cache=cache, last_only=True)[0]
-
-
-@torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-             cuda_graph=False, cache=None):
-    """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens.
-    cuda_graph: replay the decode steps from a CUDA graph (see olmo.cuda_graph_decoder). cache: a KVCache that
-    holds what came before prompt_ids (a conversation's earlier turns); it holds every token fed when done."""
-    device = model.model.embed_tokens.weight.device
-    ids = torch.tensor([prompt_ids], device=device)
-    if cache is None:
-        cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, static=cuda_graph)
-    step = decode_step(model, cache)
-    logits, _ = model(ids, cache=cache, last_only=True)  # prefill: the whole prompt in one pass
-    for _ in range(max_new_tokens):
-        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        token = next_id.item()  # the one host sync per step: we print the token now
-        yield token
-        if token in stop_ids:
-            return
-        logits = step(next_id)
-
-
-def weights_read_per_token(model):
-    """The weights that one decode step at batch 1 reads: every parameter but the embedding table (of which it
-    reads one row; a tied head reads all of it), and of a mixture of experts only num_experts_per_tok experts per
-    layer (here the first ones, standing in for the chosen ones, which have the same sizes). w8a8's weights are
-    packed for fbgemm, outside the parameters: their shape-only stand-ins count for them."""
-    k = model.config.num_experts_per_tok or 0
-    unchosen = lambda name: ".experts." in name and int(name.split(".experts.")[1].split(".")[0]) >= k
-    embedding = "model.embed_tokens.weight" if not model.config.tie_word_embeddings else None
-    packed = [m.weight for name, m in model.named_modules() if getattr(m, "packed", None) is not None and not unchosen(name)]
-    return [p for name, p in model.named_parameters() if name != embedding and not unchosen(name)] + packed
-
-
 # ---- chat template -------------------------------------------------------------------------------------------
 
 
@@ -240,11 +178,11 @@ def main(argv=None):
                 raise type(e)(f"--tokenizer {args.tokenizer}: {e}") from None
         tokenizer = olmo.load_tokenizer(tokenizer_path)
         t0 = time.perf_counter()
-        model = olmo.OlmoForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, mesh=mesh,
-                                                     quantize=args.quantize)
+        model = generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+        speed.release_freed_memory()
         load_s = time.perf_counter() - t0
         if args.compile:
-            olmo.compile_blocks(model)
+            speed.compile_blocks(model)
         template, specials = chat_template(folder) if args.chat else (None, {})
     except (OSError, ValueError, ImportError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -277,7 +215,7 @@ def main(argv=None):
         echo = "" if args.chat else args.prompt  # echo the prompt, then stream the continuation after it
         # --compile on a GPU: decode steps replayed from a CUDA graph where the model allows it
         if stream(model, tokenizer, prompt_ids, args.max_new_tokens, sampling, stops, generator, echo=echo,
-                  cuda_graph=args.compile and olmo.can_replay_graph(model))[1]:
+                  cuda_graph=args.compile and speed.can_replay_graph(model))[1]:
             return 130
     return 0
 
@@ -297,7 +235,7 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), gen
     t1, interrupted = t0, False
     try:
         print(echo, end="", flush=True)
-        for token in generate(model, prompt_ids, max_new_tokens, **sampling, stop_ids=stops, generator=generator,
+        for token in generate.generate(model, prompt_ids, max_new_tokens, **sampling, stop_ids=stops, generator=generator,
                               cuda_graph=cuda_graph, cache=cache):
             if not tokens:
                 t1 = time.perf_counter()  # the prompt is processed and the first token sampled
@@ -315,7 +253,7 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), gen
     else:
         per_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * per_unit / 1e9:.2f} GB RSS"
-    weights = sum(p.nbytes for p in weights_read_per_token(model))
+    weights = sum(p.nbytes for p in generate.weights_read_per_token(model))
     print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill_rate:.1f} "
           f"tok/s, decode {n} tokens at {decode_rate:.1f} tok/s ({decode_rate * weights / 1e9:.1f} GB/s of weights), "
           f"peak {peak}",

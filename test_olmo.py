@@ -19,8 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ai2_checkpoints
+import generate
 import olmo
+import quantize
 import sample
+import speed
+import tp
 sys.path.insert(0, str(Path(__file__).parent / "notebooks"))  # the notebooks' exercise checks and solutions
 import checks  # noqa: E402
 import solutions  # noqa: E402
@@ -55,11 +60,7 @@ FIXTURE_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embed
 
 
 def load(case, attn="sdpa", dtype=None):
-    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=dtype)
-    for layer in model.model.layers:
-        if hasattr(layer, "self_attn"):
-            layer.self_attn.eager = attn == "eager"
-    return model
+    return olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=dtype, attn_implementation=attn)
 
 
 def reference(case):
@@ -312,13 +313,13 @@ def assert_routes_as_the_reference(model, logits, ref16, ref32):
 def test_bfloat16_logits_match_the_live_reference(case, attn, matmul, monkeypatch):
     # bfloat16 keeps 8 significant bits: logits of size ~4 round in steps of 1/32, and which way each rounding goes
     # depends on the order of the sums, that is, on this machine's kernels. So the reference runs here, now.
-    # - Prompt products in bfloat16 (olmo.PROMPT_MATMUL): we call the same kernels as the reference on the same
+    # - Prompt products in bfloat16 (speed.prompt_matmul): we call the same kernels as the reference on the same
     #   inputs in the same order, so on any machine the logits are the same bits. Any change of what is rounded
     #   when (OLMoE's norm rounding first, RoPE's cos/sin in bfloat16, a softmax in bfloat16) breaks that.
     # - Prompt products in float32 (what CPUs without fast bfloat16 run): the sums run in another order, so a last
     #   bit differs here and there. Bound: the reference's own bfloat16 error, its bfloat16 logits against its
     #   float32 ones, measured on this machine.
-    monkeypatch.setattr(olmo, "PROMPT_MATMUL", matmul)
+    monkeypatch.setenv("OLMO_PROMPT_MATMUL", matmul)
     ref16, ref32 = live_reference(case, torch.bfloat16, attn), live_reference(case, torch.float32, attn)
     model = load(case, attn, torch.bfloat16)
     logits = skip_on_torch_sdpa_bug(model, reference(case)["input_ids"])[0]
@@ -506,7 +507,7 @@ def test_a_routing_tie_breaks_as_the_reference_breaks_it(monkeypatch):
     # falls at the k-th place, one of the two is chosen, and the two experts compute different things: the choice
     # must come from the same float32 softmax and torch.topk as the reference's to give its logits.
     transformers = pytest.importorskip("transformers")
-    monkeypatch.setattr(olmo, "PROMPT_MATMUL", "bfloat16")  # the reference's kernels: the same bits
+    monkeypatch.setenv("OLMO_PROMPT_MATMUL", "bfloat16")  # the reference's kernels: the same bits
     ids = reference("olmoe")["input_ids"]
     ref = transformers.OlmoeForCausalLM.from_pretrained(FIXTURES / "olmoe", dtype=torch.bfloat16).eval()
     ours = load("olmoe", dtype=torch.bfloat16)
@@ -556,7 +557,7 @@ def test_olmoe_rounds_as_the_reference_in_bfloat16(monkeypatch):
     # OLMoE's RMSNorm rounds before its weight multiply, and its RoPE uses cos/sin in bfloat16: each shows only
     # in bfloat16, where our logits equal the reference's bitwise (same kernels: see the bfloat16 test above);
     # undoing either breaks that
-    monkeypatch.setattr(olmo, "PROMPT_MATMUL", "bfloat16")
+    monkeypatch.setenv("OLMO_PROMPT_MATMUL", "bfloat16")
     expected, model = live_reference("olmoe_clip_norm", torch.bfloat16).logits, load("olmoe_clip_norm", dtype=torch.bfloat16)
     ids = reference("olmoe_clip_norm")["input_ids"]
     assert max_diff(model(ids)[0], expected) == 0
@@ -588,7 +589,7 @@ def test_moe_checkpoint_errors_are_clear(tmp_path):
 def test_moe_is_not_replayed_from_a_cuda_graph():
     model = load("olmoe")
     with pytest.raises(ValueError, match="mixture of experts picks its experts on the host"):
-        olmo.cuda_graph_decoder(model, model.new_cache(1, 8, static=True))
+        speed.cuda_graph_decoder(model, model.new_cache(1, 8, static=True))
 
 
 # ---- Olmo Hybrid: Gated DeltaNet -------------------------------------------------------------------------------
@@ -674,7 +675,7 @@ def test_hybrid_a_log_stays_float32():
     # the reference makes A_log in float32 whatever the model dtype; rounded to bfloat16 the decays change
     # enough to move bfloat16 logits by 0.27 on the fixture, where ours equal the reference's bitwise
     for quantize in (None, "int8"):
-        model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo_hybrid", dtype=torch.bfloat16, quantize=quantize)
+        model = generate.load_model(FIXTURES / "olmo_hybrid", dtype=torch.bfloat16, quantize=quantize)
         assert all(layer.linear_attn.A_log.dtype == torch.float32 for layer in model.model.layers if layer.kind == "linear_attention")
         assert model.model.layers[0].linear_attn.dt_bias.dtype == torch.bfloat16
 
@@ -727,7 +728,7 @@ def test_hybrid_refuses_tensor_parallelism():
     model = load("olmo_hybrid")
     mesh = type("Mesh", (), {"size": lambda self: 1})()
     with pytest.raises(ValueError, match="does not split Olmo Hybrid's Gated DeltaNet layers"):
-        olmo.tensor_parallel(model, mesh)
+        tp.tensor_parallel(model, mesh)
 
 
 def test_hybrid_config_rope_theta_null_means_no_rope():
@@ -748,15 +749,14 @@ def test_hybrid_config_rope_theta_null_means_no_rope():
 
 
 def test_matmul_in_float32_block_by_block(monkeypatch):
-    monkeypatch.setattr(olmo, "FLOAT32_BLOCK", 3 * 40)  # three rows of 40 at a time: 7 blocks for 20 rows
-    monkeypatch.setattr(olmo, "_float32_buffer", None)
+    monkeypatch.setattr(speed, "FLOAT32_BLOCK", 3 * 40)  # three rows of 40 at a time: 7 blocks for 20 rows
     torch.manual_seed(0)
     x, w = torch.randn(2, 5, 40).bfloat16(), torch.randn(20, 40).bfloat16()
     expected = (x.float() @ w.float().t()).bfloat16()
-    assert max_diff(olmo.matmul_in_float32(x, w), expected) == 0
+    assert max_diff(speed.matmul_in_float32(x, w), expected) == 0
     q, s = torch.randint(-127, 128, (20, 40), dtype=torch.int8), torch.rand(20)
     expected = x.float() @ (q.float() * s[:, None]).t()
-    assert max_diff(olmo.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
+    assert max_diff(speed.matmul_in_float32(x.float(), q, s), expected) < 1e-6 * expected.abs().max()
 
 
 def test_one_row_products_leave_onednn_on():
@@ -764,9 +764,9 @@ def test_one_row_products_leave_onednn_on():
     torch.manual_seed(0)
     w, x = torch.randn(64, 32).bfloat16(), torch.randn(32).bfloat16()
     expected = w.float() @ x.float()
-    assert max_diff(olmo.matvec(w, x), expected) <= expected.abs().max() / 128  # bfloat16's rounding
+    assert max_diff(speed.matvec(w, x), expected) <= expected.abs().max() / 128  # bfloat16's rounding
     with pytest.raises(RuntimeError):
-        olmo.matvec(w, x[:31])
+        speed.matvec(w, x[:31])
     assert torch.backends.mkldnn.enabled
 
 
@@ -817,7 +817,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
     config.__post_init__()  # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
     torch.manual_seed(0)
     eager = olmo.OlmoForCausalLM(config).eval()
-    compiled = olmo.compile_blocks(copy.deepcopy(eager))
+    compiled = speed.compile_blocks(copy.deepcopy(eager))
     torch._dynamo.reset()
     counters.clear()
     ids = torch.randint(0, config.vocab_size, (2, 18))
@@ -838,12 +838,12 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
 def test_cuda_graph_decoding_matches_eager(compiled):
     # recorded on the third step, replayed for the rest; olmo3's rings of 8 wrap during the replays
     model = load("olmo3").to("cuda")
-    graphed = olmo.compile_blocks(copy.deepcopy(model)) if compiled else model
+    graphed = speed.compile_blocks(copy.deepcopy(model)) if compiled else model
     ids = reference("olmo3")["input_ids"].to("cuda")
     with torch.inference_mode():
         full, _ = model(ids)
         cache = graphed.new_cache(2, 24, static=True)
-        step = olmo.cuda_graph_decoder(graphed, cache)
+        step = speed.cuda_graph_decoder(graphed, cache)
         out = [graphed(ids[:, :4], cache=cache)[0]] + [step(ids[:, i:i + 1]).clone() for i in range(4, 24)]
         assert max_diff(torch.cat(out, 1), full) < F32_TOL
         assert cache.length == 24 and cache.device_length.item() == 24
@@ -924,14 +924,14 @@ def test_mapped_tensors_are_views_of_the_file(tmp_path):
 
 
 LOAD_PEAK = """
-import sys, torch, olmo
+import sys, torch, generate
 def peak_kb():  # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 def rss_kb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 def load(folder):
-    return olmo.OlmoForCausalLM.from_pretrained(folder, dtype=getattr(torch, sys.argv[2]),
-                                                quantize=None if sys.argv[3] == "none" else sys.argv[3])
+    return generate.load_model(folder, dtype=getattr(torch, sys.argv[2]),
+                               quantize=None if sys.argv[3] == "none" else sys.argv[3])
 # torch's one-time memory (code pages of the kernels a load runs, their tables, thread pools) before the baseline
 load(sys.argv[4])
 base, base_rss = peak_kb(), rss_kb()
@@ -1028,15 +1028,15 @@ def test_hub_ids(monkeypatch):
 
 def test_ai2_config_refuses_unreleased_architectures():
     c = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 100}
-    assert olmo.config_from_ai2(c, "x").model_type == "olmo"
+    assert ai2_checkpoints.config_from_ai2(c, "x")["model_type"] == "olmo"
     with pytest.raises(ValueError, match=r"x: not a released OLMo architecture \(alibi=True\)"):
-        olmo.config_from_ai2({**c, "alibi": True}, "x")
+        ai2_checkpoints.config_from_ai2({**c, "alibi": True}, "x")
     with pytest.raises(ValueError, match="neither OLMo 1's nor OLMo 2's"):
-        olmo.config_from_ai2({**c, "layer_norm_type": "rms"}, "x")
+        ai2_checkpoints.config_from_ai2({**c, "layer_norm_type": "rms"}, "x")
     olmo2 = {**c, "norm_after": True, "attention_layer_norm": True, "layer_norm_type": "rms"}
-    assert olmo.config_from_ai2(olmo2, "x").model_type == "olmo2"
+    assert ai2_checkpoints.config_from_ai2(olmo2, "x")["model_type"] == "olmo2"
     with pytest.raises(ValueError, match="clip_qkv=8.0 with the QK-norm"):
-        olmo.config_from_ai2({**olmo2, "clip_qkv": 8.0}, "x")
+        ai2_checkpoints.config_from_ai2({**olmo2, "clip_qkv": 8.0}, "x")
 
 
 # ---- OLMo-core training checkpoints -----------------------------------------------------------------------------
@@ -1072,7 +1072,7 @@ def test_olmo_core_config_maps_windows_yarn_and_experts():
 
 def test_olmo_core_optimizer_bytes_are_never_read(tmp_path):
     folder = _olmo_core_copy(tmp_path)
-    index = olmo.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
+    index = ai2_checkpoints.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
     optim = [chunk for name, (_, _, chunks) in index.items() if name.startswith("optim.") for chunk in chunks]
     assert len(optim) > 100  # AdamW's two moments per parameter and rank
     for _, _, file, start, length in optim:  # garbage where the optimizer's tensors were
@@ -1095,7 +1095,7 @@ def test_olmo_core_checkpoint_errors_are_clear(tmp_path):
         with pytest.raises(ValueError, match=f"config.json: an OLMo-core model that olmo.py does not compute \\(.*{message}"):
             load(folder)
     (folder / "config.json").write_text(json.dumps(config))
-    index = olmo.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
+    index = ai2_checkpoints.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
     file = index["model.blocks.1.attention.w_q.weight"][2][1][2]  # rank 1's chunk
     data = (folder / "model_and_optim" / file).read_bytes()
     (folder / "model_and_optim" / file).write_bytes(data[:100])
@@ -1238,7 +1238,7 @@ def fake_quantized(model, bits):
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     for parent in model.modules():
         for name, m in parent.named_children():
-            if type(m) is not olmo.Linear or (isinstance(parent, olmo.MoE) and name == "gate") or (tied and m is model.lm_head):
+            if not isinstance(m, torch.nn.Linear) or (isinstance(parent, olmo.MoE) and name == "gate") or (tied and m is model.lm_head):
                 continue
             w = m.weight.data
             if bits == 8 or w.shape[0] % 16 or w.shape[1] % 32:
@@ -1262,11 +1262,11 @@ def test_quantized_logits_match_the_fake_quantized_math(case, mode):
     ref16, ref32 = live_reference(case, torch.bfloat16), live_reference(case, torch.float32)
     fq = fake_quantized(load(case), 8 if mode == "int8" else 4)(ids)[0]
     fq_error = max_diff(fq, ref32.logits)
-    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize=mode)
-    left = [name for name, m in ours.named_modules() if type(m) is olmo.Linear]  # routers, a tied head
+    ours = generate.load_model(FIXTURES / case, dtype=torch.float32, quantize=mode)
+    left = [name for name, m in ours.named_modules() if type(m) is speed.CPULinear]  # routers, a tied head
     assert all(name.endswith("mlp.gate") or name == "lm_head" and ours.config.tie_word_embeddings for name in left)
     assert max_diff(ours(ids)[0], fq) < (HYBRID_STEP_TOL if case == "olmo_hybrid" else F32_TOL)
-    bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
+    bf16 = generate.load_model(FIXTURES / case, dtype=torch.bfloat16, quantize=mode)
     logits = skip_on_torch_sdpa_bug(bf16, ids)[0]
     assert max_diff(logits, ref32.logits) <= 1.5 * fq_error + max_diff(ref16.logits, ref32.logits)
 
@@ -1278,7 +1278,7 @@ def test_olmo_core_checkpoints_load_in_bfloat16_and_quantized(case):
     f32 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case)
     bf16 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.bfloat16)
     assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(bf16.state_dict().values(), f32.state_dict().values()))
-    int8 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="int8")
+    int8 = generate.load_model(FIXTURES / case, dtype=torch.float32, quantize="int8")
     assert_close_to_fixture(int8(ids)[0], fake_quantized(f32, 8)(ids)[0])  # int8 kernels sum in another order
 
 
@@ -1293,15 +1293,15 @@ def test_quantized_greedy_text_keeps_the_float32_choices():
     r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "64",
                    "--dtype", "bfloat16", "--quantize", "int8")
     assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
-    load_as = lambda dtype, q=None: olmo.OlmoForCausalLM.from_pretrained(folder, dtype=dtype, quantize=q)
+    load_as = lambda dtype, q=None: generate.load_model(folder, dtype=dtype, quantize=q)
     int8, int8_f32, f32, bf16 = load_as(torch.bfloat16, "int8"), load_as(torch.float32, "int8"), load_as(torch.float32), load_as(torch.bfloat16)
     fq = fake_quantized(f32, 8)
-    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(int8, tokenizer.encode("Return the"), 64))) + "\n"
+    assert r.stdout == "Return the" + tokenizer.decode(list(generate.generate(int8, tokenizer.encode("Return the"), 64))) + "\n"
     clear = total = 0
     for prompt in ["Return the", "The default is", "If the file", "class Path", "Return a new", "This method", "The path"]:
         ids = tokenizer.encode(prompt)
         for model, truth, limit in [(int8, f32, None), (int8_f32, fq, 1e-4)]:
-            new = list(sample.generate(model, ids, 64))
+            new = list(generate.generate(model, ids, 64))
             seq = torch.tensor([ids + new])
             at = lambda m: m(seq)[0][0, len(ids) - 1:-1].float()  # the logits that chose each new token
             expected = at(truth)
@@ -1329,28 +1329,28 @@ def rounded_rows(x):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("rows", [olmo.FBGEMM_ROWS, 24])
+@pytest.mark.parametrize("rows", [quantize.FBGEMM_ROWS, 24])
 def test_w8a8_products_are_integer_products_of_rounded_rows(case, rows, monkeypatch):
     # every product of a float32 w8a8 forward is int8's rounded weight times its rounded input rows, to 1e-5 of
     # its largest output (here 1e-7..4e-7). Whole models cannot be compared so: clip_qkv's clamped values land on
     # rounding boundaries, where the last bits of the float32 arithmetic before decide the level. rows: each weight
     # packed whole, or in pieces of 24 rows (as an lm_head is packed in pieces of FBGEMM_ROWS)
-    monkeypatch.setattr(olmo, "FBGEMM_ROWS", rows)
+    monkeypatch.setattr(quantize, "FBGEMM_ROWS", rows)
     ids = reference(case)["input_ids"]
-    ours = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="w8a8")
+    ours = generate.load_model(FIXTURES / case, dtype=torch.float32, quantize="w8a8")
     rounded = fake_quantized(load(case), 8)
     seen = []
     for name, m in ours.named_modules():
-        if isinstance(m, olmo.QuantizedLinear):
+        if isinstance(m, quantize.W8A8Linear):
             m.register_forward_hook(lambda m, inputs, out, name=name: seen.append((name, inputs[0], out)))
     ours(ids)
-    every = {name for name, m in ours.named_modules() if isinstance(m, olmo.QuantizedLinear) and ".experts." not in name}
+    every = {name for name, m in ours.named_modules() if isinstance(m, quantize.W8A8Linear) and ".experts." not in name}
     assert every <= {name for name, *_ in seen}  # (of a mixture's experts, the chosen ones)
     for name, x, out in seen:
         expected = F.linear(rounded_rows(x.reshape(-1, x.shape[-1])), rounded.get_submodule(name).weight)
         assert max_diff(out.reshape(expected.shape), expected) <= 1e-5 * expected.abs().max(), name
-    int8 = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32, quantize="int8")
-    nbytes = lambda m: sum(p.nbytes for p in sample.weights_read_per_token(m))
+    int8 = generate.load_model(FIXTURES / case, dtype=torch.float32, quantize="int8")
+    nbytes = lambda m: sum(p.nbytes for p in generate.weights_read_per_token(m))
     assert nbytes(ours) == nbytes(int8)  # as many weight bytes per token as int8
 
 
@@ -1361,25 +1361,25 @@ def test_w8a8_keeps_the_trained_models_choices():
     folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
     ids = torch.tensor([list((Path(__file__).parent / "README.md").read_bytes()[:240])])
     f32 = olmo.OlmoForCausalLM.from_pretrained(folder)(ids)[0]
-    w8a8 = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize="w8a8")
+    w8a8 = generate.load_model(folder, dtype=torch.bfloat16, quantize="w8a8")
     assert (w8a8(ids)[0].argmax(-1) == f32.argmax(-1)).float().mean() > 0.95
 
 
 @pytest.mark.slow
 def test_sample_w8a8_prints_what_generate_computes():
     folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
-    w8a8 = olmo.OlmoForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize="w8a8")
+    w8a8 = generate.load_model(folder, dtype=torch.bfloat16, quantize="w8a8")
     tokenizer = olmo.load_tokenizer(folder)
     r = run_sample("--model", str(folder), "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "32",
                    "--dtype", "bfloat16", "--quantize", "w8a8")
     assert r.returncode == 0 and "w8a8 weights" in r.stderr, r.stderr
-    assert r.stdout == "Return the" + tokenizer.decode(list(sample.generate(w8a8, tokenizer.encode("Return the"), 32))) + "\n"
+    assert r.stdout == "Return the" + tokenizer.decode(list(generate.generate(w8a8, tokenizer.encode("Return the"), 32))) + "\n"
 
 
 def test_w8a8_sums_exactly_with_avx2_kernels():
     # AVX2's int8 kernel adds pairs of byte products in 16 bits: inputs rounded to 8-bit levels (255 x 127 x 2)
     # overflow there (this sum came out 129.5, not 255, before the 7-bit range); 7-bit levels do not
-    code = ("import torch, olmo; layer = olmo.QuantizedLinear(torch.ones(64, 256), 8, torch.float32, True); "
+    code = ("import torch, quantize; layer = quantize.W8A8Linear(torch.ones(64, 256), torch.float32); "
             "x = torch.ones(1, 256); x[0, 0] = 0; print(layer(x)[0, 0].item())")
     for isa in ("AVX2", "AVX512"):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
@@ -1390,19 +1390,19 @@ def test_w8a8_sums_exactly_with_avx2_kernels():
 
 def test_quantization_errors_are_clear():
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
-        olmo.quantize(load("olmo2"), "int3")
+        quantize.quantize(load("olmo2"), "int3")
     for mode in ("int4", "w8a8"):
         with pytest.raises(ValueError, match=f"{mode} uses PyTorch's CPU kernels"):
-            olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", device="cuda", quantize=mode)
+            generate.load_model(FIXTURES / "olmo2", device="cuda", quantize=mode)
     engine = torch.backends.quantized.engine
     try:
         torch.backends.quantized.engine = "qnnpack"  # as on an Arm CPU
         with pytest.raises(ValueError, match="w8a8 needs fbgemm.*'qnnpack'.*use int8"):
-            olmo.quantize(load("olmo2"), "w8a8")
+            quantize.quantize(load("olmo2"), "w8a8")
     finally:
         torch.backends.quantized.engine = engine
     with pytest.raises(ValueError, match="not combined with tensor parallelism"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", mesh=object(), quantize="int8")
+        generate.load_model(FIXTURES / "olmo2", mesh=object(), quantize="int8")
 
 
 def test_w8a8_without_quantized_tensors_says_so(monkeypatch):
@@ -1412,20 +1412,20 @@ def test_w8a8_without_quantized_tensors_says_so(monkeypatch):
         raise AttributeError("module 'torch' has no attribute '_make_per_channel_quantized_tensor'")
     monkeypatch.setattr(torch, "_make_per_channel_quantized_tensor", removed)
     with pytest.raises(ValueError, match=r"w8a8 needs fbgemm's quantized::linear_prepack, which PyTorch .* use int8"):
-        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", quantize="w8a8")
+        generate.load_model(FIXTURES / "olmo2", quantize="w8a8")
 
 
 # ---- tensor parallelism ----------------------------------------------------------------------------------------
 
 
 TP_WORKER = """
-import sys, torch, olmo
+import sys, torch, tp
 from torch.distributed.device_mesh import init_device_mesh
 torch.set_grad_enabled(False)
 mesh = init_device_mesh("cpu", (2,))  # the process group comes from the environment: gloo on CPUs
 out = {}
 for case in sys.argv[2:]:
-    model = olmo.OlmoForCausalLM.from_pretrained(f"fixtures/{case}", mesh=mesh)
+    model = tp.load_split(f"fixtures/{case}", mesh)
     ids = torch.load(f"fixtures/{case}/reference.pt")["input_ids"]
     cache = model.new_cache(2, 24)
     stepped = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(7, 24)]
@@ -1580,12 +1580,12 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
         assert r.stdout == as_read(prompt + tok.decode(new, skip_special_tokens=False) + "\n")
         return
     # bfloat16: we decode with torch.mv where the reference calls F.linear, so a last bit can differ, and on random
-    # weights two tokens can be that close. The text is ours (sample.generate in this process, what sample.py
+    # weights two tokens can be that close. The text is ours (generate.generate in this process, what sample.py
     # printed), and every token of it must be the reference's choice given the same text before it, wherever the
     # reference's top two are further apart than its own bfloat16 error
     model = olmo.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     eos = model.config.eos_token_id
-    new = list(sample.generate(model, ids, 40, stop_ids={eos}))
+    new = list(generate.generate(model, ids, 40, stop_ids={eos}))
     new = new[:-1] if new[-1] == eos else new
     # (decoded by Python, as sample.py prints: the tokenizers library replaces a broken UTF-8 sequence differently)
     assert len(new) > 20 and r.stdout == as_read(prompt + olmo.load_tokenizer(tmp_path).decode(new) + "\n")
@@ -1595,8 +1595,8 @@ def test_sample_greedy_equals_reference_generate(family, dtype, extra, tmp_path)
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {sample.sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
-    assert sample.sample_next(logits, 0).item() == 0
+    draws = lambda **kw: {generate.sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
+    assert generate.sample_next(logits, 0).item() == 0
     assert draws(top_k=2) == {0, 1}
     p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...: top_p=0.8 needs the first two, 0.6 only the first
     assert p[0] < 0.8 < p[0] + p[1]
@@ -1622,7 +1622,7 @@ def test_streaming_never_prints_a_broken_character(tmp_path, monkeypatch):
     ids = tokenizer.encode(text)
     pieces = [tokenizer.decode_bytes([i]) for i in ids]
     assert any(b"\xef\xbf\xbd" in p or not _valid_utf8(p) for p in pieces)  # some tokens split a character
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: iter(ids))
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: iter(ids))
     writes = []
     monkeypatch.setattr(sys, "stdout", type("W", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
     model = load("olmo2")
@@ -1785,14 +1785,14 @@ def test_conversation_keeps_an_interrupted_reply(tmp_path, monkeypatch, capsys):
     # Ctrl-C during a reply stops it; the partial reply stays in the history, and the conversation goes on
     e2e_checkpoint("olmo3", tmp_path, chat_template=CHATML)
     model, tokenizer = olmo.OlmoForCausalLM.from_pretrained(tmp_path), olmo.load_tokenizer(tmp_path)
-    generate, histories = sample.generate, []
+    plain, histories = generate.generate, []
 
     def interrupted_after_3(*a, **k):
-        for i, token in enumerate(generate(*a, **k)):
+        for i, token in enumerate(plain(*a, **k)):
             if i == 3 and not histories[1:]:
                 raise KeyboardInterrupt
             yield token
-    monkeypatch.setattr(sample, "generate", interrupted_after_3)
+    monkeypatch.setattr(generate, "generate", interrupted_after_3)
     render = sample.render_chat
     monkeypatch.setattr(sample, "render_chat", lambda t, s, messages: histories.append(list(messages)) or render(t, s, messages))
     monkeypatch.setattr(sys, "stdin", io.StringIO("First\nSecond\n"))
@@ -1895,7 +1895,7 @@ WRONG = {  # each exercise with a plausible mistake, which its check must catch
     "rope": lambda x, pos, theta: solutions.rope(x.flip(-1), pos, theta).flip(-1),  # interleaved pairs, not halves
     "kv_cache_bytes": lambda c, t: 2 * c.num_key_value_heads * c.head_dim * 2 * t * c.num_hidden_layers,  # no windows
     "longest_wavelength": lambda theta, hd: 2 * math.pi * theta,
-    "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, temperature=t, top_p=p),  # other order
+    "top_p_before_temperature": lambda logits, p, t: generate.filtered_probs(logits, temperature=t, top_p=p),  # other order
     "min_p": lambda logits, m: (lambda q: q / q.sum(-1, keepdim=True))(logits.softmax(-1) * (logits.softmax(-1) >= m)),  # absolute
     "longest_match": lambda piece, ranks: checks._dolma2().enc.encode_ordinary(piece.decode()),  # BPE's ids
     "att_proj_split": lambda w, c: tuple(w.chunk(3)),  # equal thirds: wrong under GQA
@@ -1980,7 +1980,7 @@ WRONG_TOO = {  # a second mistake for each
     "rope": lambda x, pos, theta: _rope_by_halves(x, pos, theta, exponent_step=1),  # theta^(-i/hd): half the exponent
     "kv_cache_bytes": lambda c, t: _kv_cache_by_cache(c, t, heads=c.num_attention_heads),  # query heads, not KV heads
     "longest_wavelength": lambda theta, hd: theta ** ((hd - 2) / hd),  # in radians per turn, not tokens
-    "top_p_before_temperature": lambda logits, p, t: sample.filtered_probs(logits, top_p=p) ** (1 / t),  # not renormalized
+    "top_p_before_temperature": lambda logits, p, t: generate.filtered_probs(logits, top_p=p) ** (1 / t),  # not renormalized
     "min_p": lambda logits, m: logits.softmax(-1) * (logits.softmax(-1) >= m * logits.softmax(-1).max()),  # not renormalized
     "longest_match": lambda piece, ranks: _longest_match_recursive(piece, ranks, longest=False),  # single bytes
     "att_proj_split": lambda w, c: tuple(reversed(solutions.att_proj_split(w, c))),  # v, k, q

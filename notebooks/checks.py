@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # olmo.py and sample.py live one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # olmo.py and the files beside it live one folder up
 import olmo  # noqa: E402
-import sample  # noqa: E402
+import ai2_checkpoints  # noqa: E402
+import generate  # noqa: E402
 
 
 def _verdict(fn, cases):
@@ -163,12 +164,12 @@ def check_longest_wavelength(fn):
 def check_top_p_before_temperature(fn):
     """fn(logits (1, V), p, temperature) -> the probabilities (1, V) when top-p chooses the tokens from the
     untempered distribution (temperature 1) and temperature then reshapes the kept ones, renormalized; 0 elsewhere.
-    (sample.filtered_probs applies them the other way round.)"""
+    (generate.filtered_probs applies them the other way round.)"""
     torch.manual_seed(0)
     logits = torch.randn(1, 50) * 2
     cases = []
     for p, t in [(0.5, 1.0), (0.5, 2.0), (0.9, 0.5), (0.3, 3.0)]:
-        chosen = sample.filtered_probs(logits, top_p=p) > 0  # the tokens top-p keeps at temperature 1
+        chosen = generate.filtered_probs(logits, top_p=p) > 0  # the tokens top-p keeps at temperature 1
         kept = torch.where(chosen, logits / t, float("-inf")).softmax(-1)
         cases.append((f"p = {p}, temperature {t}", (logits, p, t), kept, _close(1e-6)))
     return _verdict(fn, cases)
@@ -214,7 +215,7 @@ def check_att_proj_split(fn):
     config = olmo.OlmoConfig(model_type="olmo2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=96, vocab_size=10, num_hidden_layers=1)
     att_proj = torch.randn(64 + 2 * 32, 64)
-    state = olmo.convert_ai2_state_dict({"transformer.blocks.0.att_proj.weight": att_proj}, config, "check")
+    state = dict(ai2_checkpoints.ai2_names("transformer.blocks.0.att_proj.weight", att_proj, config, "check"))
     expected = tuple(state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
     same = lambda got, exp: len(got) == 3 and all(_close(0)(g, e) for g, e in zip(got, exp))
     return _verdict(fn, [("GQA: 4 query heads, 2 key/value heads of 16", (att_proj, config), expected, same)])
@@ -273,7 +274,7 @@ def check_active_parameters(fn):
         config = olmo.OlmoConfig.from_name(name)
         with torch.device("meta"):
             model = olmo.OlmoForCausalLM(config)
-        expected = sum(p.numel() for p in sample.weights_read_per_token(model))
+        expected = sum(p.numel() for p in generate.weights_read_per_token(model))
         cases.append((name, (config,), expected, _equal))
     return _verdict(fn, cases)
 

@@ -96,7 +96,8 @@ class OlmoConfig:
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("hidden_size must divide into num_attention_heads, and those into num_key_value_heads")
         if self.layer_types is None:  # every 4th layer sees everything; OLMo 3 slides a window, the Hybrid a state
-            other = {"olmo3": "sliding_attention", "olmo_hybrid": "linear_attention"}.get(self.model_type, "full_attention")
+            other = {"olmo3": "sliding_attention", "olmo_hybrid": "linear_attention"}.get(self.model_type,
+                                                                                         "full_attention")
             self.layer_types = ["full_attention" if i % 4 == 3 else other for i in range(self.num_hidden_layers)]
             if self.model_type == "olmo_hybrid" and "full_attention" not in self.layer_types:
                 self.layer_types[-1] = "full_attention"  # fewer than 4 layers: the reference makes the last one full
@@ -105,10 +106,12 @@ class OlmoConfig:
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if ("linear_attention" in self.layer_types) != (self.model_type == "olmo_hybrid"):
-            raise ValueError(f"linear_attention layers are Olmo Hybrid's (model_type 'olmo_hybrid'), got {self.layer_types}")
+            raise ValueError("linear_attention layers are Olmo Hybrid's (model_type 'olmo_hybrid'), "
+                             f"got {self.layer_types}")
         if self.model_type == "olmo_hybrid" and "full_attention" not in self.layer_types:
             raise ValueError(f"Olmo Hybrid needs at least one full_attention layer, got {self.layer_types}")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "yarn":
+        scaling = self.rope_scaling or {}
+        if self.rope_scaling is not None and scaling.get("rope_type", scaling.get("type")) != "yarn":
             raise ValueError(f"only YaRN rope scaling is used by OLMo checkpoints, got {self.rope_scaling}")
         if self.num_experts is not None and not 1 <= (self.num_experts_per_tok or 0) <= self.num_experts:
             raise ValueError(f"num_experts_per_tok must be between 1 and num_experts={self.num_experts}, "
@@ -116,7 +119,8 @@ class OlmoConfig:
         if self.model_type == "olmo_hybrid":
             self.linear_num_key_heads = self.linear_num_key_heads or self.num_attention_heads
             self.linear_num_value_heads = self.linear_num_value_heads or self.num_attention_heads
-            self.linear_key_head_dim = self.linear_key_head_dim or int(0.75 * self.hidden_size / self.linear_num_key_heads)
+            self.linear_key_head_dim = (self.linear_key_head_dim
+                                        or int(0.75 * self.hidden_size / self.linear_num_key_heads))
             self.linear_value_head_dim = self.linear_value_head_dim or 2 * self.linear_key_head_dim
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
@@ -155,8 +159,10 @@ class OlmoConfig:
         if rope is not None:
             if "full_attention" in rope or "sliding_attention" in rope:  # OLMo 3: one dict per layer type
                 full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-                if sliding.get("rope_type", "default") != "default" or sliding.get("rope_theta", full.get("rope_theta")) != full.get("rope_theta"):
-                    raise ValueError(f"{source}: sliding layers must use plain RoPE with the full layers' theta, got {rope}")
+                theta = full.get("rope_theta")
+                if sliding.get("rope_type", "default") != "default" or sliding.get("rope_theta", theta) != theta:
+                    raise ValueError(f"{source}: sliding layers must use plain RoPE with the full layers' theta, "
+                                     f"got {rope}")
                 rope = full
             if "rope_theta" in rope:
                 d.setdefault("rope_theta", rope["rope_theta"])
@@ -188,7 +194,10 @@ class OlmoConfig:
         key = next((k for k in PRESETS if key == k or key.startswith(k + "-")), None)  # -Instruct, -Think, ...
         if key is None:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**PRESETS[key])
+        family, d, mlp, layers, heads, kv_heads, other = PRESETS[key]
+        return cls(**FAMILIES[family] | dict(model_type=family, hidden_size=d, intermediate_size=mlp,
+                                             num_hidden_layers=layers, num_attention_heads=heads,
+                                             num_key_value_heads=kv_heads) | other)
 
 
 def read_json(path):
@@ -201,48 +210,42 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _preset(model_type, **keys):
-    """A released shape: config.json keys, with the family's defaults, tokenizer ids and KV heads = query heads."""
-    neox = model_type in ("olmo", "olmoe")  # OLMo 1 and OLMoE use the GPT-NeoX tokenizer; the rest dolma2
-    eos, pad = (50279, 1) if neox else (100257, 100277)
-    return REFERENCE_DEFAULTS[model_type] | dict(model_type=model_type, eos_token_id=eos, pad_token_id=pad,
-                                                 num_key_value_heads=keys["num_attention_heads"]) | keys
-
-
-_YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
-             attention_factor=1.2079441541679836)
-_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-_OLMO1 = dict(vocab_size=50304, max_position_embeddings=2048)
-_OLMO1_7B = dict(_OLMO1, **_7B)
-# rms_norm_eps: what the released OLMo 2/3 config.json files say (the reference's default: 1e-5)
-_OLMO2 = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6)
-_OLMO3 = dict(vocab_size=100278, max_position_embeddings=65536, rms_norm_eps=1e-6, sliding_window=4096, rope_scaling=_YARN)
-_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8)
-_OLMOE = dict(vocab_size=50304, max_position_embeddings=4096, hidden_size=2048, intermediate_size=1024,
-              num_hidden_layers=16, num_attention_heads=16)
+# What the releases of each family share: vocabulary, context, RoPE, norm epsilon (as their config.json files say),
+# experts, and the tokenizer's end-of-text and padding ids (OLMo 1 and OLMoE: GPT-NeoX's; the rest: dolma2's)
+NEOX, DOLMA2 = dict(eos_token_id=50279, pad_token_id=1), dict(eos_token_id=100257, pad_token_id=100277)
+OLMO3_YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
+                  attention_factor=1.2079441541679836)
+FAMILIES = {
+    "olmo": dict(vocab_size=50304, max_position_embeddings=2048, rope_theta=10000.0, **NEOX),
+    "olmo2": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6, **DOLMA2),
+    "olmo3": dict(vocab_size=100278, max_position_embeddings=65536, rope_theta=500000.0, rms_norm_eps=1e-6,
+                  sliding_window=4096, rope_scaling=OLMO3_YARN, **DOLMA2),
+    "olmoe": dict(vocab_size=50304, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  num_experts=64, num_experts_per_tok=8, **NEOX),
+    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, num_experts=7,
+                      num_experts_per_tok=5, **DOLMA2),
+    "olmo_hybrid": dict(vocab_size=100352, max_position_embeddings=65536, rope_theta=None, **DOLMA2),
+}
 PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
-    "OLMo-1B-hf": _preset("olmo", **_OLMO1, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=16, tie_word_embeddings=True),
-    "OLMo-7B-hf": _preset("olmo", **_OLMO1_7B),
-    "OLMo-7B-Twin-2T-hf": _preset("olmo", **_OLMO1_7B),
-    "OLMo-7B-0424-hf": _preset("olmo", **_OLMO1_7B | dict(max_position_embeddings=4096), clip_qkv=8.0),
-    "OLMo-7B-0724-hf": _preset("olmo", **_OLMO1_7B | dict(max_position_embeddings=4096), clip_qkv=8.0),
-    "OLMo-2-0425-1B": _preset("olmo2", **_OLMO2, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                              num_attention_heads=16),
-    "OLMo-2-1124-7B": _preset("olmo2", **_OLMO2, **_7B),
-    "OLMo-2-1124-13B": _preset("olmo2", **_OLMO2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                               num_attention_heads=40),
-    "OLMo-2-0325-32B": _preset("olmo2", **_OLMO2, **_32B),
-    "Olmo-3-1025-7B": _preset("olmo3", **_OLMO3, **_7B),
-    "Olmo-3-1125-32B": _preset("olmo3", **_OLMO3, **_32B),
+    # name:                 family,       d, MLP width, layers, heads, KV heads, what else differs
+    "OLMo-1B-hf":           ("olmo",      2048,  8192, 16, 16, 16, dict(tie_word_embeddings=True)),
+    "OLMo-7B-hf":           ("olmo",      4096, 11008, 32, 32, 32, {}),
+    "OLMo-7B-Twin-2T-hf":   ("olmo",      4096, 11008, 32, 32, 32, {}),
+    "OLMo-7B-0424-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
+    "OLMo-7B-0724-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
+    "OLMo-2-0425-1B":       ("olmo2",     2048,  8192, 16, 16, 16, {}),
+    "OLMo-2-1124-7B":       ("olmo2",     4096, 11008, 32, 32, 32, {}),
+    "OLMo-2-1124-13B":      ("olmo2",     5120, 13824, 40, 40, 40, {}),
+    "OLMo-2-0325-32B":      ("olmo2",     5120, 27648, 64, 40,  8, {}),
+    "Olmo-3-1025-7B":       ("olmo3",     4096, 11008, 32, 32, 32, {}),
+    "Olmo-3-1125-32B":      ("olmo3",     5120, 27648, 64, 40,  8, {}),
     # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
-    "OLMoE-1B-7B-0924": _preset("olmoe", **_OLMOE),
-    "OLMoE-1B-7B-0125": _preset("olmoe", **_OLMOE),
+    "OLMoE-1B-7B-0924":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
+    "OLMoE-1B-7B-0125":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
     # OLMo-2-7B blocks whose MLP is 7 experts (the reference's defaults: 5 per token)
-    "FlexOlmo-7x7B-1T": _preset("flex_olmo", **_7B, vocab_size=100352, max_position_embeddings=4096),
+    "FlexOlmo-7x7B-1T":     ("flex_olmo", 4096, 11008, 32, 32, 32, {}),
     # 24 Gated DeltaNet layers (30 heads, d_k 96, d_v 192) and 8 attention layers without RoPE
-    "Olmo-Hybrid-7B": _preset("olmo_hybrid", hidden_size=3840, intermediate_size=11008, num_hidden_layers=32,
-                              num_attention_heads=30, max_position_embeddings=65536, vocab_size=100352, rope_theta=None),
+    "Olmo-Hybrid-7B":       ("olmo_hybrid", 3840, 11008, 32, 30, 30, {}),
 }
 
 
@@ -299,7 +302,8 @@ def rope_frequencies(config, yarn):
     attention_factor = s.get("attention_factor") or 0.1 * math.log(factor) + 1.0
     # the dimension that turns `rotations` times over the original context: below `low` the frequencies are
     # left alone (extrapolated), above `high` divided by factor (interpolated)
-    dim_of = lambda rotations: hd * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    old_context = s["original_max_position_embeddings"]
+    dim_of = lambda rotations: hd * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
     low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
     if s.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
@@ -433,7 +437,8 @@ class OlmoModel(nn.Module):
         self.layers = nn.ModuleList(GatedDeltaNetBlock(config) if kind == "linear_attention" else Block(config, kind)
                                     for kind in config.layer_types)
         self.norm = make_norm(config)
-        self.inv_freqs = {}  # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
+        # (yarn, device) -> RoPE's frequencies there; not a buffer: .to(bfloat16) must not round them
+        self.inv_freqs = {}
 
     def rope(self, yarn, device):
         """Made in float32 on the CPU, as the reference makes them, and copied to the device once: a copy every
@@ -826,7 +831,8 @@ class GDNState:
 
     def __init__(self, config, batch_size, device, dtype):
         c = config
-        channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        channels = (2 * c.linear_num_key_heads * c.linear_key_head_dim
+                    + c.linear_num_value_heads * c.linear_value_head_dim)  # q, k and v
         self.conv = torch.zeros(batch_size, channels, c.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
         self.S = torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
                              device=device, dtype=torch.float32)
@@ -870,6 +876,7 @@ def load_checkpoint(model, folder, place, mapped=False):
     tensor as its parameter will hold it (a device and dtype, or under tensor parallelism a rank's share): called
     on each tensor, under its Hugging Face name, before the next is read, so the peak is one model plus one
     tensor. mapped: safetensors are mapped from the file rather than read (see read_safetensors)."""
+    folder = Path(folder)
     files, source = checkpoint_files(folder)
     rename = lambda name, t: [(name, t)]
     if not hugging_face_layout(folder):
@@ -909,7 +916,8 @@ def resolve_checkpoint(name_or_folder, revision=None):
         return folder
     name = str(name_or_folder)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (nor is {name!r} a Hub id like 'allenai/OLMo-2-0425-1B')")
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist "
+                                f"(nor is {name!r} a Hub id like 'allenai/OLMo-2-0425-1B')")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -956,7 +964,8 @@ def checkpoint_files(folder):
                 raise ValueError(f"{folder / index}: not a shard index ({e})") from None
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
-                raise FileNotFoundError(f"{folder / index} lists shard(s) that are not in the folder: {', '.join(missing)}")
+                raise FileNotFoundError(f"{folder / index} lists shard(s) that are not in the folder: "
+                                        f"{', '.join(missing)}")
             return [folder / s for s in shards], str(folder / index)
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model_and_optim/.metadata"):
         if (folder / name).is_file():
@@ -990,7 +999,8 @@ def load_weights(model, state, source):
         raise ValueError(f"{source}: the checkpoint has {len(experts)} experts per layer (in layer 0), but the config "
                          f"says num_experts={model.config.num_experts}")
     if missing or unexpected:
-        listed = lambda label, names: f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
+        def listed(label, names):
+            return f"\n  {label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
         raise ValueError(f"{source}: tensors do not match an {model.config.model_type} model of this config:"
                          + listed("missing", missing) + listed("unexpected", unexpected))
     for name, p in expected.items():
@@ -1088,7 +1098,8 @@ GPT2_PRETOKENIZE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N
 def byte_to_unicode():
     """GPT-2's table that spells every byte as a printable character: tokenizer.json stores tokens in it.
     Printable Latin-1 bytes stand for themselves; the others (space, controls, ...) map to chr(256 + i)."""
-    table = {b: chr(b) for b in [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]}
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table = {b: chr(b) for b in printable}
     return table | {b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in table)}
 
 

@@ -19,9 +19,13 @@ times decoding replayed from a CUDA graph ("+graph"), eager and (with --compile)
 
 import argparse
 import dataclasses
+import importlib.metadata
 import importlib.util
+import io
 import json
 import math
+import os
+import platform
 import re
 import statistics
 import shutil
@@ -71,6 +75,8 @@ def parse_args():
     p.add_argument("--decode-seconds", type=float, default=20,
                    help="processes part: each run generates enough tokens to decode for about this long (at least "
                         f"{PILOT_TOKENS}), as a first process of it measures; 0: --max-new-tokens for all")
+    p.add_argument("--doc", type=Path, help="also write this run's report into FILE (docs/speed.md), between its "
+                   f"lines {DOC_START!r} and {DOC_END!r}, with the host, the versions and the command")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
@@ -309,8 +315,38 @@ def prefill_rate(impl, args):
     return args.prefill_len / timed(lambda: impl.prefill(ids), args.device)
 
 
+DOC_START, DOC_END = "<!-- bench.py --doc: start -->", "<!-- bench.py --doc: end -->"
+
+
+def host():
+    """The CPU by name, with the instructions that decide which kernels run, and the versions that ran."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = [name for name, ok in (("AVX512", torch.backends.cpu.get_cpu_capability() == "AVX512"),
+                                   ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+                                   ("AMX", torch.cpu._is_amx_tile_supported())) if ok]
+    versions = [f"torch {torch.__version__}"] + [f"{m} {importlib.metadata.version(m)}" for m in ("transformers", "torchao")
+                                                   if importlib.util.find_spec(m)]
+    return f"{cpu} ({', '.join(flags) or 'no AVX512'}), {os.cpu_count()} cores; {', '.join(versions)}"
+
+
+def write_doc(path, report_text):
+    """Replace the block between DOC_START and DOC_END in path with this run's report."""
+    text = path.read_text()
+    if DOC_START not in text or DOC_END not in text:
+        raise SystemExit(f"bench.py: {path} has no {DOC_START} ... {DOC_END} block to write the report into")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                                     "FBGEMM_ENABLE_INSTRUCTIONS", "OLMO_PROMPT_MATMUL") if k in os.environ)
+    block = (f"{DOC_START}\nWritten by `{(env + ' ') if env else ''}python bench.py {' '.join(sys.argv[1:])}` on "
+             f"{time.strftime('%Y-%m-%d')}, {host()}:\n\n```\n{report_text.strip()}\n```\n{DOC_END}")
+    head, rest = text.split(DOC_START, 1)
+    path.write_text(head + block + rest.split(DOC_END, 1)[1])
+
+
 def main():
     args = parse_args()
+    if args.doc:  # the report goes to stdout as always, and into the doc
+        sys.stdout = Tee(sys.stdout)
     torch.manual_seed(0)
     have_reference = not args.no_reference
     if have_reference:
@@ -328,6 +364,22 @@ def main():
             in_process(args, folder, have_reference)
         if "processes" in args.parts and args.device.type == "cpu":
             whole_processes(args, folder, have_reference)
+    if args.doc:
+        write_doc(args.doc, sys.stdout.text.getvalue())
+
+
+class Tee:
+    """stdout that keeps a copy of what is printed."""
+
+    def __init__(self, out):
+        self.out, self.text = out, io.StringIO()
+
+    def write(self, s):
+        self.text.write(s)
+        return self.out.write(s)
+
+    def flush(self):
+        self.out.flush()
 
 
 def preset(name):

@@ -32,6 +32,7 @@ def load_model(name_or_folder, device=None, dtype=None, quantize=None, mesh=None
         model = tp.load_split(folder, mesh, device, dtype)
     else:
         model = olmo.load_model(folder, device, dtype, attn_implementation=attn_implementation)
+    speed.release_freed_memory()
     return model
 
 

@@ -179,7 +179,7 @@ def main(argv=None):
         tokenizer = olmo.load_tokenizer(tokenizer_path)
         t0 = time.perf_counter()
         model = generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
-        speed.release_freed_memory()
+        speed.keep_freed_memory()
         load_s = time.perf_counter() - t0
         if args.compile:
             speed.compile_blocks(model)

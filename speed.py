@@ -7,7 +7,8 @@ it run faster on a given device. Each is applied from outside, in one visible pl
                              applies it to a model on the CPU.
   compile_blocks(model)      torch.compile every block (one graph shared by all of them).
   cuda_graph_decoder(...)    replay decode steps from a CUDA graph on a GPU.
-  release_freed_memory()     the C allocator's settings for a process that loads, then runs, a model (sample.py).
+  release_freed_memory()     hand back what loading freed (generate.load_model); keep_freed_memory(): the C
+                             allocator's setting for a process that then runs the model (sample.py).
 
 Nothing here imports olmo.py: the model file may use this one, and the files that build on both (generate.py,
 quantize.py) import each.
@@ -168,16 +169,22 @@ def cuda_graph_decoder(model, cache):
 
 
 def release_freed_memory():
-    """For a process that loads a model and then runs it (sample.py; a library leaves its host's allocator alone):
-    hand the memory that loading freed back to the system, then let glibc's allocator keep what running frees.
-    Loading frees many pieces (float32 blocks being quantized, tensors being converted) that glibc would otherwise
-    keep resident. Running is the opposite case: each operation on a prompt allocates its output afresh, megabytes
-    at a time, and by default glibc maps every such block from the system and unmaps it when freed, so each one
-    faults its pages in anew (docs/speed.md measures a process's first long prompt). Where the C library has no
-    malloc_trim (macOS, Windows, musl) there is nothing to call."""
+    """Hand the memory that loading freed back to the system: loading frees many pieces (float32 blocks being
+    quantized, tensors being converted), and glibc's allocator keeps freed heap pages resident for reuse. Where the C
+    library has no malloc_trim (macOS, Windows, musl) there is nothing to call."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def keep_freed_memory():
+    """For a process that runs a model after loading it (sample.py; a library leaves its host's allocator alone): let
+    glibc's allocator keep what running frees. Each operation on a prompt allocates its output afresh, megabytes at a
+    time, and by default glibc maps every such block from the system and unmaps it when freed, so each one faults its
+    pages in anew (docs/speed.md measures a process's first long prompt)."""
     try:
         libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap (its maximum)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
     except (OSError, AttributeError, TypeError):

@@ -18,13 +18,20 @@ from conftest import FIXTURES, e2e_checkpoint
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--no-reference", "--profile", "--quantize", "w8a8"]])
-def test_bench_runs_and_reports(extra):
-    # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here)
+def test_bench_runs_and_reports(extra, tmp_path):
+    # a smoke test of the benchmark's code paths on a tiny checkpoint (its timings mean nothing here); --doc writes
+    # the report into a copy of docs/speed.md, between its markers, and leaves the rest of the page as it was
+    doc = tmp_path / "speed.md"
+    doc.write_text((Path(__file__).parent / "docs" / "speed.md").read_text())
+    before, after = doc.read_text().split("<!-- bench.py --doc: start -->")[0], doc.read_text().split("<!-- bench.py --doc: end -->")[1]
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(FIXTURES / "olmo2"),
                         "--dtype", "float32", "--device", "cpu", "--rounds", "1", "--max-new-tokens", "4",
-                        "--prefill-len", "8", "--batch", "2", "--parts", "inprocess", *extra],
+                        "--prefill-len", "8", "--batch", "2", "--parts", "inprocess", "--doc", str(doc), *extra],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr
+    written = doc.read_text()
+    assert written.startswith(before) and written.endswith(after) and r.stdout.strip().splitlines()[-1] in written
+    assert "Written by `python bench.py --model" in written and "cores; torch " in written
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith("KEY ") and "of read bandwidth" in lines[-1]
     with_reference = not extra and importlib.util.find_spec("transformers") is not None

@@ -2,17 +2,30 @@
 Generating text with an OLMo model: loading it any way a user asks for (AI2's formats, quantized, split across
 devices), the sampling rules, and the decoding loop. sample.py is the command line over this file.
 
-    import generate, olmo
-    model = generate.load_model("notebooks/tiny_olmo")
-    tokenizer = olmo.load_tokenizer("notebooks/tiny_olmo")
-    ids = generate.generate(model, tokenizer.encode("Return the"), max_new_tokens=40)
-    print(tokenizer.decode(list(ids)))
+    import generate
+    model, tokenizer = generate.load("notebooks/tiny_olmo")
+    print(generate.complete(model, tokenizer, "Return the", max_new_tokens=40))
 """
+
+import codecs
+from pathlib import Path
 
 import torch
 
 import olmo
 import speed
+
+
+def load(name_or_folder, device=None, dtype=None, quantize=None, mesh=None, revision=None, tokenizer=None,
+         attn_implementation=None):
+    """(model, tokenizer) of a checkpoint folder or Hub id: load_model's model, and the checkpoint's tokenizer
+    (or tokenizer: a folder, a tokenizer.json or a Hub id)."""
+    folder = olmo.resolve_checkpoint(name_or_folder, revision)
+    tokenizer_path = tokenizer or folder
+    if not Path(tokenizer_path).exists():  # a Hub id
+        tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
+    tok = olmo.load_tokenizer(tokenizer_path)
+    return load_model(folder, device, dtype, quantize, mesh, attn_implementation=attn_implementation), tok
 
 
 def load_model(name_or_folder, device=None, dtype=None, quantize=None, mesh=None, revision=None,
@@ -91,6 +104,33 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         if token in stop_ids:
             return
         logits = step(next_id)
+
+
+def complete(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None):
+    """The text that follows prompt: greedy (temperature 0), or sampled (seed: the same text each time); it ends at
+    the end-of-text token or after max_new_tokens."""
+    return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+
+
+def stream(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None):
+    """complete()'s text in pieces as the tokens come. A UTF-8 character can span tokens: the incremental decoder
+    holds its first bytes back until the rest arrives, so no piece ends in a broken character."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]  # no prompt: a new document, after an end of text
+    if len(ids) >= model.config.max_position_embeddings:
+        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context holds "
+                         f"{model.config.max_position_embeddings}")
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    stops = {tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+    device = model.model.embed_tokens.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in generate(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator):
+        if token not in stops:
+            piece = utf8.decode(tokenizer.decode_bytes([token]))
+            if piece:
+                yield piece
+    if rest := utf8.decode(b"", final=True):
+        yield rest
 
 
 def weights_read_per_token(model):

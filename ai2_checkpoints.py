@@ -139,8 +139,9 @@ def config_from_olmo_core(experiment, source):
         f"sequence mixer {a.get('name')}": a.get("type", "attention") != "attention" or a.get("name", "default") != "default",
         f"head_dim={a.get('head_dim')} (not d_model / n_heads)": a.get("head_dim") not in (None, d // a["n_heads"]),
         "attention without QK-norm": a.get("qk_norm") is None,
+        # full_precision false: OLMo-core rotates and normalises in the model dtype, olmo.py in float32 (bfloat16 differs)
         f"rope {rope}": rope.get("name") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0
-                        or bool(rope.get("no_global_rope")),
+                        or bool(rope.get("no_global_rope")) or rope.get("full_precision") is False,
         "embedding norm or scale, or a head bias": bool(c.get("embedding_norm") or c.get("embed_scale")
                                                         or c["lm_head"].get("bias")),
         f"transformer {c.get('name')}": c.get("name", "default") not in ("default", "moe"),
@@ -152,7 +153,7 @@ def config_from_olmo_core(experiment, source):
         refused[f"attention {key}={a.get(key)}"] = bool(a.get(key))
     for norm in (b["layer_norm"], a.get("qk_norm") or {}, c["lm_head"]["layer_norm"]):
         refused[f"layer norm {norm}"] = (norm.get("name") not in ("rms", "fused_rms") or bool(norm.get("bias"))
-                                         or norm.get("eps") != eps)
+                                         or norm.get("eps") != eps or norm.get("full_precision") is False)
     if moe:
         refused["shared or latent experts"] = bool(moe.get("shared_mlp") or moe.get("latent_moe"))
         refused[f"router {router}"] = (router.get("gating_function", "softmax") != "softmax"
@@ -181,7 +182,7 @@ def config_from_olmo_core(experiment, source):
     if yarn is not None:
         yarn = dict(rope_type="yarn", factor=yarn["factor"], original_max_position_embeddings=yarn["old_context_len"],
                     beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"],
-                    attention_factor=0.1 * math.log(yarn["factor"]) + 1)
+                    attention_factor=0.1 * math.log(yarn["factor"]) + 1, olmo_core=True)  # its YaRN: see rope_frequencies
     return dict(model_type="olmo3", intermediate_size=ff["hidden_size"], sliding_window=max(windows), rope_scaling=yarn,
                 layer_types=["full_attention" if w == -1 else "sliding_attention" for w in windows], **keys)
 

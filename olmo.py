@@ -307,8 +307,15 @@ def rope_frequencies(config, yarn):
     low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
     if s.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, hd - 1)
+    # Where the ramp ends: transformers caps it at hd - 1, OLMo-core at hd/2 - 1 (the last frequency). They differ
+    # only for a low theta and a long old context (theta 1e4 at hd 128: above ~54k; never for the released Olmo 3),
+    # by up to factor-fold. A config read from an OLMo-core checkpoint carries "olmo_core": True (ai2_checkpoints.py)
+    # and gets OLMo-core's cap and its order of the blend, which rounds otherwise: its frequencies bit for bit.
+    olmo_core = s.get("olmo_core", False)
+    low, high = max(low, 0), min(high, hd // 2 - 1 if olmo_core else hd - 1)
     ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    if olmo_core:
+        return 1.0 / pos_freqs / factor * ramp + 1.0 / pos_freqs * (1 - ramp), attention_factor
     keep = 1 - ramp  # weight of the original (extrapolated) frequency
     inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
     return inv_freq, attention_factor

@@ -1,6 +1,7 @@
 """Loading (olmo.py's loader, ai2_checkpoints.py): every layout the releases use, AI2's original and OLMo-core
 checkpoints against AI2's own code, the Hub cache, memory, and errors that name the file and tensor."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -281,7 +282,7 @@ def test_ai2_config_refuses_unreleased_architectures():
 # trainer does (two FSDP processes: every tensor in two chunks) and computed their logits.
 
 OLMO_CORE = {"olmo_core_olmo2": "olmo2", "olmo_core_olmo3": "olmo3", "olmo_core_moe": "flex_olmo",
-             "olmo_core_moe_dropless": "flex_olmo"}
+             "olmo_core_moe_dropless": "flex_olmo", "olmo_core_yarn_1e4": "olmo3"}
 
 
 def _olmo_core_copy(tmp_path, case="olmo_core_olmo2"):
@@ -307,6 +308,40 @@ def test_olmo_core_config_maps_windows_yarn_and_experts():
     assert olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo_core_moe").config.norm_topk_prob is False
 
 
+@pytest.mark.parametrize("theta,head_dim,old_context", [(10_000, 16, 65536), (10_000, 128, 131072), (10_000, 64, 8192),
+                                                         (500_000, 128, 8192)])
+def test_olmo_core_yarn_computes_as_olmo_core_hf_yarn_as_transformers(theta, head_dim, old_context):
+    # the top of YaRN's ramp: OLMo-core caps it at head_dim/2 - 1, transformers at head_dim - 1 (they differ in the
+    # first two cases, a frequency by up to 4.5 times); a config read from an OLMo-core checkpoint computes as
+    # OLMo-core, a Hugging Face config as transformers, each bitwise (fixtures/olmo_core_yarn_1e4: the first, end to end)
+    pytest.importorskip("olmo_core")
+    transformers = pytest.importorskip("transformers")
+    from olmo_core.nn.attention import SlidingWindowAttentionConfig
+    from olmo_core.nn.feed_forward import FeedForwardConfig
+    from olmo_core.nn.rope import YaRNRoPEScalingConfig
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = YaRNRoPEScalingConfig(factor=8.0, old_context_len=old_context)
+    model = TransformerConfig.llama_like(d_model=2 * head_dim, vocab_size=128, n_layers=4, n_heads=2, qk_norm=True,
+                                        rope_theta=theta, feed_forward=FeedForwardConfig(hidden_size=64, bias=False),
+                                        block_name=TransformerBlockType.reordered_norm,
+                                        sliding_window=SlidingWindowAttentionConfig(pattern=[4, 4, 4, -1]))
+    experiment = json.loads(json.dumps({"model": model.with_rope_scaling(scaling).as_config_dict()}))  # as saved
+    core = olmo.OlmoConfig.from_dict(ai2_checkpoints.config_from_olmo_core(experiment, "config.json"))
+    expected, expected_factor = scaling.compute_scaled_inv_freq(theta, head_dim, torch.device("cpu"))
+    inv_freq, attention_factor = olmo.rope_frequencies(core, yarn=True)
+    assert torch.equal(inv_freq, expected) and attention_factor == expected_factor
+    hf = {k: v for k, v in core.rope_scaling.items() if k != "olmo_core"}  # as a Hugging Face config.json has it
+    reference_config = transformers.Olmo2Config(hidden_size=2 * head_dim, num_attention_heads=2,
+                                                 max_position_embeddings=8 * old_context,
+                                                 rope_parameters={**hf, "rope_theta": float(theta)})
+    hf_expected, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](reference_config, "cpu")
+    inv_freq, attention_factor = olmo.rope_frequencies(dataclasses.replace(core, rope_scaling=hf), yarn=True)
+    assert torch.equal(inv_freq, hf_expected) and attention_factor == hf_factor
+    apart = ((hf_expected - expected).abs() / expected).max()  # the two conventions
+    assert apart > 0.1 if theta == 10_000 and old_context > 8192 else apart < 1e-6
+
+
 def test_olmo_core_optimizer_bytes_are_never_read(tmp_path):
     folder = _olmo_core_copy(tmp_path)
     index = ai2_checkpoints.read_dcp_metadata(folder / "model_and_optim" / ".metadata")
@@ -324,10 +359,14 @@ def test_olmo_core_checkpoint_errors_are_clear(tmp_path):
     folder = _olmo_core_copy(tmp_path)
     load = olmo.OlmoForCausalLM.from_pretrained
     config = json.loads((folder / "config.json").read_text())
+    mixer, norm = config["model"]["block"]["sequence_mixer"], config["model"]["block"]["layer_norm"]
     for change, message in [(dict(name="peri_norm"), "block peri_norm"),
                             (dict(feed_forward={**config["model"]["block"]["feed_forward"], "bias": True}), "feed-forward"),
-                            (dict(sequence_mixer={**config["model"]["block"]["sequence_mixer"], "head_dim": 4}),
-                             "head_dim=4 \\(not d_model / n_heads\\)")]:
+                            (dict(sequence_mixer={**mixer, "head_dim": 4}), "head_dim=4 \\(not d_model / n_heads\\)"),
+                            # rotated or normalised in the model dtype: in bfloat16 not olmo.py's float32
+                            (dict(sequence_mixer={**mixer, "rope": {**mixer["rope"], "full_precision": False}}),
+                             "rope .*'full_precision': False"),
+                            (dict(layer_norm={**norm, "full_precision": False}), "layer norm .*'full_precision': False")]:
         (folder / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "block": {**config["model"]["block"], **change}}}))
         with pytest.raises(ValueError, match=f"config.json: an OLMo-core model that olmo.py does not compute \\(.*{message}"):
             load(folder)

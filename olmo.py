@@ -3,7 +3,8 @@ The OLMo family in one file: the language models of AI2's Open Language Model pr
 
 Reading order, like a paper. The dense model first, whole: config -> norms -> rotary embedding (plain and YaRN) ->
 attention -> MLP -> block -> model. Then what some families add, each in its own section: the mixture of experts
-(OLMoE, FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the KV cache, the checkpoint loader and the tokenizer.
+(OLMoE, FlexOlmo) and Gated DeltaNet (Olmo Hybrid). Then the released shapes (presets), the KV cache, the
+checkpoint loader (and saver) and the tokenizer.
 Parameter names equal the Hugging Face checkpoint names (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with load_state_dict. Everything else lives beside this file: generate.py (sampling, generation),
 quantize.py, tp.py (tensor parallelism), ai2_checkpoints.py (AI2's own checkpoint formats) and speed.py (faster
@@ -26,6 +27,7 @@ import re
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -89,6 +91,9 @@ class OlmoConfig:
     linear_allow_neg_eigval: bool = True  # the write strength beta in (0, 2) rather than (0, 1)
 
     def __post_init__(self):
+        # the fields left None here are filled in from the others below: a change of those fills them in anew
+        derived = {f for f in ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                               "linear_value_head_dim") if getattr(self, f) is None}
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
         if self.attn_implementation not in ("eager", "sdpa"):
@@ -102,7 +107,9 @@ class OlmoConfig:
             if self.model_type == "olmo_hybrid" and "full_attention" not in self.layer_types:
                 self.layer_types[-1] = "full_attention"  # fewer than 4 layers: the reference makes the last one full
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
-            raise ValueError(f"layer_types must list one of {', '.join(LAYER_TYPES)} per layer, got {self.layer_types}")
+            raise ValueError(f"layer_types must list one of {', '.join(LAYER_TYPES)} per layer "
+                             f"(num_hidden_layers={self.num_hidden_layers}), got {self.layer_types}: give both, "
+                             "or layer_types=None for the family's pattern")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if ("linear_attention" in self.layer_types) != (self.model_type == "olmo_hybrid"):
@@ -124,6 +131,20 @@ class OlmoConfig:
             self.linear_value_head_dim = self.linear_value_head_dim or 2 * self.linear_key_head_dim
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        object.__setattr__(self, "_derived", derived)
+
+    def __setattr__(self, name, value):
+        """A field changed after construction is honoured, never ignored: what was filled in from the others
+        (layer_types, ...) is filled in anew and the whole config checked again; a change that does not fit raises
+        and leaves the config as it was. (A model already built keeps its shape: build a new one.)"""
+        if "_derived" in self.__dict__ and name in self.__dataclass_fields__:
+            self.__dict__.update(self.replace(**{name: value}).__dict__)
+        else:
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes):
+        """A copy with changes, the fields that were filled in from others filled in anew unless given."""
+        return dataclasses.replace(self, **{f: None for f in self._derived} | changes)
 
     # The switches between the generations, one per difference, each used in one place.
     @property
@@ -188,8 +209,9 @@ class OlmoConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
-    def from_name(cls, name):
-        """A preset with the hyper-parameters of a released checkpoint, e.g. 'OLMo-2-0425-1B'."""
+    def from_name(cls, name, **changes):
+        """A preset with the hyper-parameters of a released checkpoint, e.g. 'OLMo-2-0425-1B', with changes
+        (from_name("OLMo-2-0425-1B", num_hidden_layers=2): two layers of the 1B)."""
         key = name.split("/")[-1]
         key = next((k for k in PRESETS if key == k or key.startswith(k + "-")), None)  # -Instruct, -Think, ...
         if key is None:
@@ -197,56 +219,7 @@ class OlmoConfig:
         family, d, mlp, layers, heads, kv_heads, other = PRESETS[key]
         return cls(**FAMILIES[family] | dict(model_type=family, hidden_size=d, intermediate_size=mlp,
                                              num_hidden_layers=layers, num_attention_heads=heads,
-                                             num_key_value_heads=kv_heads) | other)
-
-
-def read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-# What the releases of each family share: vocabulary, context, RoPE, norm epsilon (as their config.json files say),
-# experts, and the tokenizer's end-of-text and padding ids (OLMo 1 and OLMoE: GPT-NeoX's; the rest: dolma2's)
-NEOX, DOLMA2 = dict(eos_token_id=50279, pad_token_id=1), dict(eos_token_id=100257, pad_token_id=100277)
-OLMO3_YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
-                  attention_factor=1.2079441541679836)
-FAMILIES = {
-    "olmo": dict(vocab_size=50304, max_position_embeddings=2048, rope_theta=10000.0, **NEOX),
-    "olmo2": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6, **DOLMA2),
-    "olmo3": dict(vocab_size=100278, max_position_embeddings=65536, rope_theta=500000.0, rms_norm_eps=1e-6,
-                  sliding_window=4096, rope_scaling=OLMO3_YARN, **DOLMA2),
-    "olmoe": dict(vocab_size=50304, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
-                  num_experts=64, num_experts_per_tok=8, **NEOX),
-    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, num_experts=7,
-                      num_experts_per_tok=5, **DOLMA2),
-    "olmo_hybrid": dict(vocab_size=100352, max_position_embeddings=65536, rope_theta=None, **DOLMA2),
-}
-PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
-    # name:                 family,       d, MLP width, layers, heads, KV heads, what else differs
-    "OLMo-1B-hf":           ("olmo",      2048,  8192, 16, 16, 16, dict(tie_word_embeddings=True)),
-    "OLMo-7B-hf":           ("olmo",      4096, 11008, 32, 32, 32, {}),
-    "OLMo-7B-Twin-2T-hf":   ("olmo",      4096, 11008, 32, 32, 32, {}),
-    "OLMo-7B-0424-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
-    "OLMo-7B-0724-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
-    "OLMo-2-0425-1B":       ("olmo2",     2048,  8192, 16, 16, 16, {}),
-    "OLMo-2-1124-7B":       ("olmo2",     4096, 11008, 32, 32, 32, {}),
-    "OLMo-2-1124-13B":      ("olmo2",     5120, 13824, 40, 40, 40, {}),
-    "OLMo-2-0325-32B":      ("olmo2",     5120, 27648, 64, 40,  8, {}),
-    "Olmo-3-1025-7B":       ("olmo3",     4096, 11008, 32, 32, 32, {}),
-    "Olmo-3-1125-32B":      ("olmo3",     5120, 27648, 64, 40,  8, {}),
-    # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
-    "OLMoE-1B-7B-0924":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
-    "OLMoE-1B-7B-0125":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
-    # OLMo-2-7B blocks whose MLP is 7 experts (the reference's defaults: 5 per token)
-    "FlexOlmo-7x7B-1T":     ("flex_olmo", 4096, 11008, 32, 32, 32, {}),
-    # 24 Gated DeltaNet layers (30 heads, d_k 96, d_v 192) and 8 attention layers without RoPE
-    "Olmo-Hybrid-7B":       ("olmo_hybrid", 3840, 11008, 32, 30, 30, {}),
-}
+                                             num_key_value_heads=kv_heads) | other | changes)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -353,7 +326,7 @@ class Attention(nn.Module):
         # QK-norm (all but OLMo 1): over all heads at once, before the split into heads (not per head as in Qwen3)
         self.q_norm = make_norm(config, H * hd) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, KV * hd) if config.qk_norm else nn.Identity()
-        self.eager = config.attn_implementation == "eager"
+        self.config = config  # attn_implementation, read at every call: it can be switched on a built model
 
     def forward(self, x, cos, sin, mask, kv=None):
         B, T, _ = x.shape
@@ -368,7 +341,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # this layer's LayerKV
             k, v = kv.update(k, v)  # (B, KV, S, hd): past keys and these, S >= T
-        if self.eager:
+        if self.config.attn_implementation == "eager":
             y = self.attend(q, k, v, mask)
         else:  # the same math, fused (flash attention on GPU); GQA by broadcasting the KV heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
@@ -458,6 +431,9 @@ class OlmoModel(nn.Module):
     def forward(self, input_ids, cache=None, attention_mask=None):
         """input_ids (B, T). With a cache, these tokens follow the cache.length tokens already in it.
         attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, as in Hugging Face."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)} "
+                             "(one sequence: input_ids[None])")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None:
@@ -554,6 +530,10 @@ class OlmoForCausalLM(nn.Module):
     def from_pretrained(cls, name_or_folder, device=None, dtype=None, revision=None, attn_implementation=None):
         """See load_model. Quantized or split across devices: generate.load_model."""
         return load_model(name_or_folder, device, dtype, revision, attn_implementation)
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """See save_model."""
+        save_model(self, folder, tokenizer)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -739,6 +719,48 @@ class GatedDeltaNetBlock(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Presets: the shapes of the released checkpoints (OlmoConfig.from_name)
+
+# What the releases of each family share: vocabulary, context, RoPE, norm epsilon (as their config.json files say),
+# experts, and the tokenizer's end-of-text and padding ids (OLMo 1 and OLMoE: GPT-NeoX's; the rest: dolma2's)
+NEOX, DOLMA2 = dict(eos_token_id=50279, pad_token_id=1), dict(eos_token_id=100257, pad_token_id=100277)
+OLMO3_YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32, beta_slow=1,
+                  attention_factor=1.2079441541679836)
+FAMILIES = {
+    "olmo": dict(vocab_size=50304, max_position_embeddings=2048, rope_theta=10000.0, **NEOX),
+    "olmo2": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6, **DOLMA2),
+    "olmo3": dict(vocab_size=100278, max_position_embeddings=65536, rope_theta=500000.0, rms_norm_eps=1e-6,
+                  sliding_window=4096, rope_scaling=OLMO3_YARN, **DOLMA2),
+    "olmoe": dict(vocab_size=50304, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  num_experts=64, num_experts_per_tok=8, **NEOX),
+    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0, num_experts=7,
+                      num_experts_per_tok=5, **DOLMA2),
+    "olmo_hybrid": dict(vocab_size=100352, max_position_embeddings=65536, rope_theta=None, **DOLMA2),
+}
+PRESETS = {  # released checkpoints (allenai/<name>); instruct/think variants share their base's shape
+    # name:                 family,       d, MLP width, layers, heads, KV heads, what else differs
+    "OLMo-1B-hf":           ("olmo",      2048,  8192, 16, 16, 16, dict(tie_word_embeddings=True)),
+    "OLMo-7B-hf":           ("olmo",      4096, 11008, 32, 32, 32, {}),
+    "OLMo-7B-Twin-2T-hf":   ("olmo",      4096, 11008, 32, 32, 32, {}),
+    "OLMo-7B-0424-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
+    "OLMo-7B-0724-hf":      ("olmo",      4096, 11008, 32, 32, 32, dict(max_position_embeddings=4096, clip_qkv=8.0)),
+    "OLMo-2-0425-1B":       ("olmo2",     2048,  8192, 16, 16, 16, {}),
+    "OLMo-2-1124-7B":       ("olmo2",     4096, 11008, 32, 32, 32, {}),
+    "OLMo-2-1124-13B":      ("olmo2",     5120, 13824, 40, 40, 40, {}),
+    "OLMo-2-0325-32B":      ("olmo2",     5120, 27648, 64, 40,  8, {}),
+    "Olmo-3-1025-7B":       ("olmo3",     4096, 11008, 32, 32, 32, {}),
+    "Olmo-3-1125-32B":      ("olmo3",     5120, 27648, 64, 40,  8, {}),
+    # 64 experts of width 1024, 8 per token: 6.9B parameters, 1.3B of them used per token
+    "OLMoE-1B-7B-0924":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
+    "OLMoE-1B-7B-0125":     ("olmoe",     2048,  1024, 16, 16, 16, {}),
+    # OLMo-2-7B blocks whose MLP is 7 experts (the reference's defaults: 5 per token)
+    "FlexOlmo-7x7B-1T":     ("flex_olmo", 4096, 11008, 32, 32, 32, {}),
+    # 24 Gated DeltaNet layers (30 heads, d_k 96, d_v 192) and 8 attention layers without RoPE
+    "Olmo-Hybrid-7B":       ("olmo_hybrid", 3840, 11008, 32, 30, 30, {}),
+}
+
+
+# -----------------------------------------------------------------------------------------------------------
 # KV cache
 
 
@@ -856,10 +878,20 @@ def load_model(name_or_folder, device=None, dtype=None, revision=None, attn_impl
     dtype None keeps the checkpoint's. On a CPU, the linear layers get the CPU's fastest kernels (speed.py)."""
     folder = resolve_checkpoint(name_or_folder, revision)
     model = empty_model(read_config(folder, attn_implementation))
-    load_checkpoint(model, folder, place_on(device, dtype))
+    load_checkpoint(model, folder, place_on(device, as_dtype(dtype)))
     if model.model.embed_tokens.weight.device.type == "cpu":
         speed.use_cpu_kernels(model)
     return model.eval()
+
+
+def as_dtype(dtype):
+    """A torch.dtype from itself or its name ("bfloat16", "torch.float32"); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or its name, e.g. 'bfloat16' or 'float32', got {dtype!r}")
+    return found
 
 
 def empty_model(config):
@@ -922,9 +954,10 @@ def resolve_checkpoint(name_or_folder, revision=None):
             return folder.parent
         return folder
     name = str(name_or_folder)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist "
-                                f"(nor is {name!r} a Hub id like 'allenai/OLMo-2-0425-1B')")
+    # a path, mistyped (a Hub id is owner/name, and its owner is not a folder here): say so, not "no network"
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or "\\" in name or folder.parent.is_dir():
+        raise FileNotFoundError(f"no such checkpoint folder: {folder.resolve()} (nor is {name!r} a Hub id like "
+                                "'allenai/OLMo-2-0425-1B')")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -959,6 +992,16 @@ def hugging_face_layout(folder):
     """Whether a folder's config.json is a Hugging Face OLMo config (else: AI2's formats, or not a checkpoint)."""
     path = Path(folder) / "config.json"
     return path.is_file() and read_json(path).get("model_type") in MODEL_TYPES + ("olmo_1124",)
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def checkpoint_files(folder):
@@ -1036,12 +1079,55 @@ def hybrid_as_saved(state, expected):
         if [p.shape[0] for p in parts] != widths and sum(p.shape[0] for p in parts) == sum(widths):
             state.update(zip(names, torch.cat(parts).split(widths)))
 
+def save_model(model, folder, tokenizer=None):
+    """A Hugging Face checkpoint folder that olmo.py and transformers both load: config.json, model.safetensors,
+    and with a tokenizer its tokenizer.json and the files beside it (tokenizer_config.json with its chat template,
+    generation_config.json). A tied head is stored once, as the embedding."""
+    if any(not p.is_floating_point() for p in model.parameters()) or any(hasattr(m, "packed") for m in model.modules()):
+        raise ValueError("a quantized model is not saved: save the model it was quantized from (quantization is "
+                         "applied when loading: generate.load_model(..., quantize=...))")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    write_safetensors(folder / "model.safetensors", state)
+    if tokenizer is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            source = tokenizer.path if name == "tokenizer.json" else tokenizer.path.parent / name
+            if source.is_file() and source.resolve() != (folder / name).resolve():
+                (folder / name).write_bytes(source.read_bytes())
+
+
+def config_json(config):
+    """config.json's keys for a config, as transformers reads them."""
+    keys = {k: v for k, v in dataclasses.asdict(config).items() if v is not None or k == "rope_theta"}  # null: NoPE
+    architecture = {"olmo": "Olmo", "olmo2": "Olmo2", "olmo3": "Olmo3", "olmoe": "Olmoe", "flex_olmo": "FlexOlmo",
+                    "olmo_hybrid": "OlmoHybrid"}[config.model_type]
+    return keys | {"architectures": [architecture + "ForCausalLM"]}
+
+
 # -----------------------------------------------------------------------------------------------------------
-# Loading checkpoints
+# The safetensors format, read (and written) without the safetensors package
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def write_safetensors(path, state):
+    """{name: tensor} (contiguous, on the CPU) as a .safetensors file: the header, then each tensor's bytes."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in state.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in state.values():
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def read_safetensors(path, mapped=False):
@@ -1144,6 +1230,7 @@ class Tokenizer:
         self.added_re = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) or "(?!)")
         eos = eos_token or ("<|endoftext|>" if "<|endoftext|>" in self.added else None)
         self.eos_token_id = self.added.get(eos) if eos else None
+        self.path = path  # save_model copies the file and what lies beside it
 
     def encode(self, text):
         text, ids, start = self.normalize(text), [], 0

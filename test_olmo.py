@@ -2,6 +2,7 @@
 Hugging Face transformers, and the reference run live), padding, the mixtures of experts, Gated DeltaNet, the KV cache."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -541,3 +542,53 @@ def test_imports_go_one_way():
     def reaches(start, target, seen=()):
         return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in imports[start])
     assert not [name for name in ours if reaches(name, name)]
+
+
+def test_a_config_field_changed_after_construction_is_honoured_or_refused():
+    cfg = olmo.OlmoConfig.from_name("OLMo-2-0425-1B")
+    cfg.num_hidden_layers = 2  # layer_types was filled in for 16: filled in anew
+    assert cfg.layer_types == ["full_attention"] * 2
+    with torch.device("meta"):
+        assert len(olmo.OlmoForCausalLM(cfg).model.layers) == 2
+    assert olmo.OlmoConfig.from_name("Olmo-3-1025-7B", num_hidden_layers=5).layer_types == \
+        ["sliding_attention"] * 3 + ["full_attention", "sliding_attention"]
+    assert cfg.replace(num_hidden_layers=3).layer_types == ["full_attention"] * 3
+    with pytest.raises(ValueError, match=r"\(num_hidden_layers=3\).*give both, or layer_types=None"):
+        dataclasses.replace(cfg, num_hidden_layers=3)  # the plain dataclass copy keeps the old list: said how to fix
+    with pytest.raises(ValueError, match="hidden_size must divide into num_attention_heads"):
+        cfg.num_attention_heads = 7
+    assert cfg.num_attention_heads == 16  # a refused change leaves the config as it was
+    hybrid = olmo.OlmoConfig.from_name("Olmo-Hybrid-7B")
+    hybrid.hidden_size = 1920  # Gated DeltaNet's d_k follows (0.75 d / heads)
+    assert hybrid.linear_key_head_dim == 48 and hybrid.linear_value_head_dim == 96
+
+
+def test_attention_is_chosen_the_documented_ways(tmp_path, monkeypatch):
+    # attn_implementation in from_pretrained, in config.json and on a built model's config: each takes effect
+    calls = []
+    monkeypatch.setattr(olmo.Attention, "attend", lambda self, *a: calls.append(1) or F.scaled_dot_product_attention(*a))
+    ids = reference("olmo2")["input_ids"]
+    model = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2")
+    model(ids)
+    assert not calls and model.config.attn_implementation == "sdpa"
+    model.config.attn_implementation = "eager"
+    model(ids)
+    assert len(calls) == model.config.num_hidden_layers
+    olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", attn_implementation="eager")(ids)
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((FIXTURES / "olmo2" / f).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attn_implementation": "eager"}))
+    assert olmo.OlmoForCausalLM.from_pretrained(tmp_path).config.attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation must be 'eager' or 'sdpa', got 'flash'"):
+        model.config.attn_implementation = "flash"
+
+
+def test_wrong_inputs_are_named():
+    model = load("olmo2")
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\), got shape \(5,\) \(one sequence: input_ids\[None\]\)"):
+        model(torch.tensor([1, 2, 3, 4, 5]))
+    assert olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype or its name, e.g. 'bfloat16' or 'float32', got 'bf16'"):
+        olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", dtype="bf16")

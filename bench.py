@@ -136,12 +136,7 @@ def save_random_checkpoint(config, folder, dtype):
     """A checkpoint of config's shape with random weights (normal, std 0.02): config.json (Hugging Face keys) and
     model.safetensors, written one tensor at a time, so a 7B model never sits in memory whole (on a 24 GB machine
     the benchmark's processes need that memory)."""
-    keys = {k: v for k, v in dataclasses.asdict(config).items() if k != "attn_implementation" and v is not None}
-    keys["architectures"] = [{"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                              "olmoe": "OlmoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
-                              "olmo_hybrid": "OlmoHybridForCausalLM"}[config.model_type]]
-    keys["rope_theta"] = config.rope_theta  # null means no RoPE (Olmo Hybrid), not the default
-    (folder / "config.json").write_text(json.dumps(keys, indent=2))
+    (folder / "config.json").write_text(json.dumps(olmo.config_json(config), indent=2))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in olmo.OlmoForCausalLM(config).state_dict().items()
                   if not (config.tie_word_embeddings and k == "lm_head.weight")}

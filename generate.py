@@ -34,7 +34,7 @@ def load_model(name_or_folder, device=None, dtype=None, quantize=None, mesh=None
     ("int8", "int4" or "w8a8": quantize.py) or split across the ranks of a DeviceMesh (tp.py)."""
     if quantize is not None and mesh is not None:
         raise ValueError("quantization is not combined with tensor parallelism")
-    folder = olmo.resolve_checkpoint(name_or_folder, revision)
+    folder, dtype = olmo.resolve_checkpoint(name_or_folder, revision), olmo.as_dtype(dtype)
     if quantize is not None:
         import quantize as quantization
 

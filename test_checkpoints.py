@@ -17,7 +17,7 @@ import ai2_checkpoints
 import generate
 import olmo
 
-from conftest import (F32_RTOL, F32_TOL, FIXTURES, TOKENIZERS, _edit_config, _folder, _free_port, _write_state, as_read,
+from conftest import (CASES, F32_RTOL, F32_TOL, FIXTURES, TOKENIZERS, _edit_config, _folder, _free_port, _write_state, as_read,
                       assert_close_to_fixture, max_diff, reference, run_sample)
 
 
@@ -210,7 +210,7 @@ def test_loading_holds_the_weights_once(dtype, quantize, tmp_path):
 
 def test_load_errors_name_the_file_and_tensor(tmp_path):
     load = olmo.OlmoForCausalLM.from_pretrained
-    with pytest.raises(FileNotFoundError, match="checkpoint folder .*nope does not exist"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder: .*nope"):
         load(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load(tmp_path)
@@ -502,3 +502,34 @@ except OSError as e:
     assert r.returncode == 1 and "Traceback" not in r.stderr and "at revision 'stage9-no-such-step'" in r.stderr
     with pytest.raises(ValueError, match="revision='main' is for Hub ids"):
         olmo.OlmoForCausalLM.from_pretrained(FIXTURES / "olmo2", revision="main")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_modified_model_saves_as_a_checkpoint_that_both_load(case, tmp_path):
+    # save_pretrained after a change (a learner's edit, or training): olmo.py loads the folder to the same logits
+    # bit for bit, and transformers to the same logits (to 1e-5 of the largest, as against the fixtures)
+    transformers = pytest.importorskip("transformers")
+    model, ids = olmo.OlmoForCausalLM.from_pretrained(FIXTURES / case), reference(case)["input_ids"]
+    model.lm_head.weight.mul_(1.5)  # (OLMo 2's norm after the MLP would undo a scaled down_proj)
+    logits = model(ids)[0]
+    assert max_diff(logits, reference(case)["logits"]) > 1e-3  # the change shows
+    tokenizer = olmo.load_tokenizer(TOKENIZERS / "allenai_dolma2.json")
+    model.save_pretrained(tmp_path, tokenizer)
+    assert torch.equal(olmo.OlmoForCausalLM.from_pretrained(tmp_path)(ids)[0], logits)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_close_to_fixture(ref(input_ids=ids).logits, logits)
+    assert olmo.load_tokenizer(tmp_path).encode("Hello there") == tokenizer.encode("Hello there")
+
+
+def test_a_quantized_model_is_not_saved(tmp_path):
+    int8 = generate.load_model(FIXTURES / "olmo2", quantize="int8")
+    with pytest.raises(ValueError, match="a quantized model is not saved: save the model it was quantized from"):
+        int8.save_pretrained(tmp_path)
+
+
+def test_a_mistyped_folder_is_named_as_a_folder(tmp_path, monkeypatch):
+    # "models/tiny_olm" has the owner/name shape of a Hub id, but models/ is a folder here: a path, mistyped
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder: " + re.escape(str(tmp_path / "models" / "tiny_olm"))):
+        olmo.resolve_checkpoint("models/tiny_olm")

@@ -80,10 +80,37 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def assert_close_to_fixture(logits, expected):
-    """Float32 logits against a fixture's, to F32_RTOL of its largest logit (see F32_RTOL)."""
+def assert_close_to_fixture(logits, expected, model=None, case=None):
+    """Float32 logits against a fixture's, to F32_RTOL of its largest logit (see F32_RTOL). Given the model and its
+    fixture's case, a failure names the first module whose output differs from the reference's."""
     tol = F32_RTOL * expected.abs().max().item()
-    assert max_diff(logits, expected) <= tol, f"max |difference| {max_diff(logits, expected):.2e} > {tol:.2e}"
+    diff = max_diff(logits, expected)
+    where = first_divergence(model, case) if diff > tol and model is not None else ""
+    assert diff <= tol, f"max |difference| {diff:.2e} > {tol:.2e}{where}"
+
+
+def first_divergence(model, case):
+    """Where a model first computes otherwise than the reference (transformers) on a fixture's input: both run with a
+    hook on every module, and the modules of the same name (the parameter names are the same) compared in the order
+    ours ran them, each on its own first output."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / case, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    outputs = {}
+    for key, m in (("ours", model), ("ref", ref)):
+        outputs[key] = {}
+        for name, module in m.named_modules():
+            def keep(module, args, out, name=name, store=outputs[key]):
+                out = out[0] if isinstance(out, tuple) else out
+                if torch.is_tensor(out) and name not in store:
+                    store[name] = out.detach().float()
+            module.register_forward_hook(keep)
+        m(input_ids=reference(case)["input_ids"]) if key == "ref" else m(reference(case)["input_ids"])
+    for name, ours in outputs["ours"].items():
+        theirs = outputs["ref"].get(name)
+        if theirs is not None and theirs.shape == ours.shape and max_diff(ours, theirs) > F32_RTOL * theirs.abs().max():
+            return f"; the first module to differ from the reference: {name} (max |difference| {max_diff(ours, theirs):.2e})"
+    return "; no module's output differs from the reference's by more than that"
 
 
 # PyTorch 2.13's bfloat16 flash-attention kernel, on a CPU with AMX, packs its blocks with AVX512 code and raises

@@ -88,9 +88,10 @@ def test_presets():
 @pytest.mark.parametrize("case", CASES)
 def test_float32_logits_match_reference(case, attn):
     ref = reference(case)
-    logits, _ = load(case, attn)(ref["input_ids"])
+    model = load(case, attn)
+    logits, _ = model(ref["input_ids"])
     assert logits.dtype == torch.float32
-    assert_close_to_fixture(logits, ref["logits"])
+    assert_close_to_fixture(logits, ref["logits"], model, case)
 
 
 def routing(router_logits, k):

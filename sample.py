@@ -23,35 +23,58 @@ import olmo
 import speed
 
 
+EXIT_STATUS = """exit status:
+  0    done
+  1    the command cannot be carried out (one line on stderr): no such checkpoint,
+       tokenizer or prompt file, no such device here, no chat template, a prompt
+       that fills the model's context, ...
+  2    the command line is malformed (with the usage): an unknown option, a
+       missing or invalid value, --prompt with --prompt-file, ...
+  130  interrupted by Ctrl-C (in a conversation, Ctrl-C stops only the reply)"""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).")
-    p.add_argument("--model", default="allenai/OLMo-2-0425-1B", help="checkpoint folder or Hugging Face Hub id")
+    """The parser and its arguments; a malformed command line exits here (status 2, with the usage)."""
+    p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).", epilog=EXIT_STATUS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's lines as written
+    p.add_argument("--model", default="allenai/OLMo-2-0425-1B",
+                   help="checkpoint folder or Hugging Face Hub id (default: %(default)s)")
     p.add_argument("--revision", help="with a Hub id: a branch (e.g. an intermediate checkpoint such as "
-                   "stage1-step10000-tokens42B), tag or commit")
+                   "stage1-step10000-tokens42B), tag or commit (default: main)")
     p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json file or Hub id (default: the checkpoint's, "
                    "or for an OLMo-core checkpoint the one its config names)")
-    p.add_argument("--prompt", help="the prompt text; '-' reads it from stdin; empty: start a new document; "
-                                     "with --chat and no prompt: a conversation, one message per line")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (always the most likely token)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose probability reaches p")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    source = p.add_mutually_exclusive_group()  # two prompts: which one was meant?
+    source.add_argument("--prompt", help="the prompt text; '-' reads it from stdin; empty: start a new document; "
+                                         "with --chat and neither --prompt nor --prompt-file: a conversation, one "
+                                         "message per line (default: empty)")
+    source.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="the most tokens to generate, fewer where the model's context ends first "
+                        "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 means greedy (always the most likely token) (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p (default: 1, all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the random seed, for repeatable samples (default: a fresh one each run)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples of the prompt, one after another (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 (float16 on mps)")
+                   help="auto: bfloat16 (float16 on mps) (default: %(default)s)")
     p.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
                    help="store the linear layers' weights in 8 or 4 bits (int4: CPU only): less memory, faster decoding; "
                         "w8a8: int8 weights and inputs rounded to 7 bits too, integer products (x86 CPUs): faster "
-                        "still, less exact")
+                        "still, less exact (default: the checkpoint's weights as they are)")
     p.add_argument("--chat", action="store_true",
                    help="talk with an instruct model through its chat template: one reply to --prompt, or, without "
                         "--prompt, a conversation (/reset, /system TEXT, /quit; Ctrl-C stops a reply, Ctrl-D quits)")
     p.add_argument("--system", help="with --chat: the system message (default: the template's own)")
     p.add_argument("--max-context", type=int, default=4096,
-                   help="a conversation's length limit in tokens (at most the model's context), which sizes its cache")
+                   help="a conversation's length limit in tokens (at most the model's context), which sizes its cache "
+                        "(default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
                         "(no gain on a CPU, where compiling takes a while)")
@@ -64,38 +87,57 @@ def parse_args(argv=None):
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.max_context < 2:
         p.error("--max-new-tokens and --num-samples must be >= 1, --max-context >= 2")
-    if args.prompt_file:
-        try:
-            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            p.error(f"--prompt-file: {e}")
-    elif args.prompt == "-":
-        args.prompt = sys.stdin.read()
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
-    args.conversation = args.chat and args.prompt is None  # messages come from stdin, one per line
-    if args.prompt is None:
-        args.prompt = ""
+    args.conversation = args.chat and args.prompt is None and args.prompt_file is None  # messages from stdin
     try:
-        args.device = pick_device(args.device)
-    except (RuntimeError, ValueError) as e:
+        args.device = parse_device(args.device)
+    except ValueError as e:
         p.error(f"--device {args.device}: {e}")
     args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if args.device.type == "mps" else torch.bfloat16)
     return p, args
 
 
-def pick_device(name):
+def read_prompt(args):
+    """The prompt text: --prompt's, stdin's (--prompt -), --prompt-file's, or empty."""
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OSError(f"--prompt-file: {e}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt or ""
+
+
+def parse_device(name):
+    """The torch.device that --device names (auto: cuda, then mps, then cpu); ValueError for a name that is none."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)  # ValueError for an unknown name
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # an unknown device type
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def check_device(device):
+    """ValueError where this machine lacks the device (a well-formed name, unlike parse_device's errors)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available on this machine")
+    return device
+
+
+def pick_device(name):
+    """parse_device, then check_device (bench.py)."""
+    return check_device(parse_device(name))
 
 
 def setup_tensor_parallel(device):
@@ -157,8 +199,19 @@ def stop_tokens(folder, config, tokenizer, chat):
 # ---- main ----------------------------------------------------------------------------------------------------
 
 
+def fail(parser, message):
+    """A command that cannot be carried out: one line on stderr (the command line itself is well formed: no usage),
+    and its exit status, 1."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return fail(parser, f"--device {args.device}: {e}")
     mesh, args.device = setup_tensor_parallel(args.device)
     if mesh is not None:
         if mesh.get_rank() != 0:  # every rank computes, rank 0 alone prints
@@ -169,6 +222,7 @@ def main(argv=None):
             torch.distributed.broadcast_object_list(seed, src=0)
             args.seed = seed[0]
     try:
+        prompt = read_prompt(args)  # before loading: a missing file should not wait for a large checkpoint
         folder = olmo.resolve_checkpoint(args.model, args.revision)
         tokenizer_path = args.tokenizer or folder
         if not Path(tokenizer_path).exists():  # a Hub id
@@ -177,18 +231,18 @@ def main(argv=None):
             except (OSError, ImportError) as e:
                 raise type(e)(f"--tokenizer {args.tokenizer}: {e}") from None
         tokenizer = olmo.load_tokenizer(tokenizer_path)
+        template, specials = chat_template(folder) if args.chat else (None, {})
+        if args.chat and not template:  # before loading the weights, which can take minutes
+            raise ValueError(f"--chat: {folder} has no chat template (chat_template.jinja, or chat_template in "
+                             "tokenizer_config.json): pass an instruct checkpoint, or leave out --chat")
         t0 = time.perf_counter()
         model = generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
         speed.keep_freed_memory()
         load_s = time.perf_counter() - t0
         if args.compile:
             speed.compile_blocks(model)
-        template, specials = chat_template(folder) if args.chat else (None, {})
     except (OSError, ValueError, ImportError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    if args.chat and not template:
-        parser.error(f"--chat: the checkpoint in {folder} has no chat template")
+        return fail(parser, e)
     stops = stop_tokens(folder, model.config, tokenizer, args.chat)
     generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
     quantized = f", {args.quantize} weights" if args.quantize else ""
@@ -199,22 +253,28 @@ def main(argv=None):
         return converse(model, tokenizer, template, specials, args.system, args.max_context, args.max_new_tokens,
                         sampling, stops, generator)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    text = render_chat(template, specials, system + [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    text = render_chat(template, specials, system + [{"role": "user", "content": prompt}]) if args.chat else prompt
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:  # OLMo has no start token: begin a new document after an end-of-text token
         if tokenizer.eos_token_id is None:
-            parser.error("the prompt is empty and the tokenizer has no end-of-text token to start from")
+            return fail(parser, f"the prompt is empty and the tokenizer ({tokenizer_path}) has no end-of-text token "
+                                "to start a document from: pass a prompt")
         prompt_ids = [tokenizer.eos_token_id]
     context = model.config.max_position_embeddings
-    if len(prompt_ids) + args.max_new_tokens > context:
-        parser.error(f"the prompt is {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} that "
-                     f"exceeds the model's context of {context} tokens")
+    room = context - len(prompt_ids)
+    if room < 1:
+        return fail(parser, f"the prompt is {len(prompt_ids)} tokens{' with the chat template' if args.chat else ''} "
+                            f"and the model's context holds {context}: shorten it to fewer than {context}")
+    max_new_tokens = min(args.max_new_tokens, room)
+    if max_new_tokens < args.max_new_tokens:  # what a user wants from a long prompt: as much as fits
+        print(f"(the context holds {context} tokens and the prompt takes {len(prompt_ids)}: generating at most "
+              f"{max_new_tokens} instead of --max-new-tokens {args.max_new_tokens})", file=sys.stderr)
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
-        echo = "" if args.chat else args.prompt  # echo the prompt, then stream the continuation after it
+        echo = "" if args.chat else prompt  # echo the prompt, then stream the continuation after it
         # --compile on a GPU: decode steps replayed from a CUDA graph where the model allows it
-        if stream(model, tokenizer, prompt_ids, args.max_new_tokens, sampling, stops, generator, echo=echo,
+        if stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops, generator, echo=echo,
                   cuda_graph=args.compile and speed.can_replay_graph(model))[1]:
             return 130
     return 0

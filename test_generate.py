@@ -61,3 +61,20 @@ def test_installed_it_imports_from_anywhere(tmp_path):
         pytest.skip("olmo.py is not installed in this environment (pip install -e .)")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).parent == Path(__file__).parent
+
+
+def test_readme_python_blocks_run_as_written():
+    # the README's Python blocks, verbatim, each in a fresh process from the repository's root: the first prints the
+    # greedy continuation that the decoding loop computes here, the second the next-token logits' shape and a loss
+    import re
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parent / "README.md").read_text(), re.S)
+    outputs = []
+    for code in blocks:
+        r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout)
+    model, tokenizer = generate.load(TINY)
+    ids = tokenizer.encode("Return the")
+    assert outputs[0] == tokenizer.decode(list(generate.generate(model, ids, 40))) + "\n"
+    assert outputs[1].startswith(f"torch.Size([1, 1, {model.config.vocab_size}]) ")

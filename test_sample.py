@@ -19,6 +19,8 @@ import sample
 
 from conftest import FIXTURES, TOKENIZERS, as_read, e2e_checkpoint, load, run_sample
 
+TINY = Path(__file__).parent / "notebooks" / "tiny_olmo"  # notebook 6's: byte-level (a byte, a token), context 256
+
 
 def reference_greedy(cls, folder, ids, n, dtype=torch.float32, eos=None):
     """The reference's greedy generate(): the new ids, without the final end-of-text if it stopped there."""
@@ -132,26 +134,75 @@ def test_prompt_from_stdin_and_file(tmp_path):
     (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
     (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--device", "tpu"], "--device tpu"),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda"),
     (["--dtype", "float8"], "invalid choice: 'float8'"),
-    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
-    (["--max-new-tokens", "300"], "exceeds the model's context of 256 tokens"),
-    (["--chat"], "has no chat template"),
+    (["--max-new-tokens"], "argument --max-new-tokens: expected one argument"),
+    (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--prompt-file", "{tmp_path}/p.txt"], "argument --prompt-file: not allowed with argument --prompt"),
 ])
 @pytest.mark.slow
-def test_bad_arguments_get_argparse_errors(args, message, tmp_path):
+def test_a_malformed_command_line_gets_argparse_errors(args, message, tmp_path):
+    # exit status 2, with the usage: the command line itself is wrong, and the usage shows how to write it
     e2e_checkpoint("olmo2", tmp_path)
-    r = run_sample("--model", str(tmp_path), "--prompt", "hi", *args)
-    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
-    assert re.search(message, r.stderr), r.stderr
+    (tmp_path / "p.txt").write_text("From a file")  # a prompt file that exists: two prompts, and neither is chosen
+    r = run_sample("--model", str(tmp_path), "--prompt", "hi", *[a.format(tmp_path=tmp_path) for a in args])
+    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert re.search(message, r.stderr.splitlines()[-1]), r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-file", "/nonexistent/prompt.txt"], r"--prompt-file: \[Errno 2\] No such file"),
+    (["--prompt", "hi", "--device", f"cuda:{torch.cuda.device_count()}"],  # a device this machine lacks
+     r"--device cuda:\d+: (CUDA is not available|this machine has \d+ CUDA device)"),
+    (["--prompt", "hi", "--chat"], r"has no chat template \(chat_template.jinja, .*leave out --chat"),
+    (["--prompt", "hi " * 300],  # 301 tokens
+     "the prompt is 301 tokens and the model's context holds 256: shorten it to fewer than 256"),
+], ids=["prompt_file", "device", "chat_template", "full_context"])
+@pytest.mark.slow
+def test_a_command_that_cannot_be_carried_out_is_a_one_line_error(args, message, tmp_path):
+    # exit status 1, and one line without the usage: the command line is well formed, what it asks for is not there
+    e2e_checkpoint("olmo2", tmp_path)
+    r = run_sample("--model", str(tmp_path), *args)
+    assert r.returncode == 1 and "usage:" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("sample.py: error: ") and re.search(message, last), r.stderr
+
+
+@pytest.mark.slow
+def test_an_empty_prompt_without_an_end_of_text_token_is_a_one_line_error(tmp_path):
+    # OLMo has no start token: an empty prompt begins a document after an end-of-text token, which this tokenizer
+    # (the tiny OLMo's bytes, without its <|endoftext|>) lacks
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((TINY / f).read_bytes())
+    spec = json.loads((TINY / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "added_tokens": []}))
+    r = run_sample("--model", str(tmp_path), "--prompt", "")
+    assert r.returncode == 1 and "usage:" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"sample.py: error: the prompt is empty and the tokenizer ({tmp_path}) has "
+                                         "no end-of-text token to start a document from: pass a prompt")
 
 
 @pytest.mark.slow
 def test_bad_model_is_a_one_line_error(tmp_path):
     r = run_sample("--model", str(tmp_path / "missing"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr and str(tmp_path / "missing") in r.stderr
+    assert r.stderr.startswith("sample.py: error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     r = run_sample("--model", str(FIXTURES / "olmo2"), "--tokenizer", str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and f"--tokenizer {tmp_path / 'missing'}: " in r.stderr
+    assert r.stderr.startswith("sample.py: error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_help_shows_the_defaults_and_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as done:
+        sample.parse_args(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal's width
+    for default in ("allenai/OLMo-2-0425-1B", "200", "0.8", "1", "auto", "4096"):
+        assert f"(default: {default})" in out
+    for status, meaning in (("0", "done"), ("1", "the command cannot be carried out"),
+                            ("2", "the command line is malformed"), ("130", "interrupted by Ctrl-C")):
+        assert f" {status} {meaning}" in out
 
 
 @pytest.mark.slow
@@ -342,14 +393,35 @@ def test_readme_first_command_runs_the_tiny_olmo_offline():
     assert r.stdout.startswith("Return the") and len(r.stdout) > 40 and "decode" in r.stderr
 
 
-def test_readme_python_snippet_runs_as_written():
-    # the README's Python block, verbatim, in a fresh process from the repository's root: it prints the greedy
-    # continuation that generate.generate computes here
-    readme = (Path(__file__).parent / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme, re.S)[1]
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+
+def test_the_tiny_olmo_chat_template_renders_as_transformers_does():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(TINY)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+                {"role": "assistant", "content": "A sequence."}, {"role": "user", "content": "And a tuple?"}]
+    template, specials = sample.chat_template(TINY)
+    text = sample.render_chat(template, specials, messages)
+    assert text == ("Be brief.\n\nUser: What is a list?\n\nAssistant: A sequence.<|endoftext|>\n\n"
+                    "User: And a tuple?\n\nAssistant: ")
+    assert text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert sample.render_chat(template, specials, messages[1:2]) == "User: What is a list?\n\nAssistant: "
+    tokenizer = olmo.load_tokenizer(TINY)
+    ids = tokenizer.encode(text)
+    assert ids == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    # the end-of-text token closes an assistant's turn, and a reply stops at it
+    assert ids.count(256) == 1 and sample.stop_tokens(TINY, olmo.read_config(TINY), tokenizer, chat=True) == {256}
+
+
+@pytest.mark.slow
+def test_the_tiny_olmo_chats_offline():
+    cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(TINY), "--chat",
+           "--temperature", "0"]
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([*cmd, "--prompt", "Hi"], capture_output=True, text=True, env=offline, timeout=600)
     assert r.returncode == 0, r.stderr
-    folder = Path(__file__).parent / "notebooks" / "tiny_olmo"
-    tokenizer, model = olmo.load_tokenizer(folder), olmo.OlmoForCausalLM.from_pretrained(folder)
-    ids = tokenizer.encode("Return the")
-    assert r.stdout == tokenizer.decode(ids + list(generate.generate(model, ids, 40))) + "\n"
+    # "User: Hi\n\nAssistant: ", 21 bytes; the reply runs to --max-new-tokens (no end-of-text: see above)
+    assert "prompt 21 tokens" in r.stderr and "decode 200 tokens" in r.stderr and len(r.stdout) > 100
+    r = subprocess.run([*cmd, "--max-new-tokens", "20"], input="Hi\nWhat is a list?\n", capture_output=True, text=True,
+                       env=offline, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("decode 20 tokens") == 2 and len(r.stdout.splitlines()) >= 2

@@ -87,10 +87,17 @@ def decode_step(model, cache):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-             cuda_graph=False, cache=None):
+             cuda_graph=False, cache=None, speculate=None):
     """Yield new token ids one at a time; stops after a stop id (which is yielded) or max_new_tokens.
     cuda_graph: replay the decode steps from a CUDA graph (see speed.cuda_graph_decoder). cache: a KVCache that
-    holds what came before prompt_ids (a conversation's earlier turns); it holds every token fed when done."""
+    holds what came before prompt_ids (a conversation's earlier turns); it holds every token fed when done.
+    speculate: a speculate.py guesser (PromptLookup, DraftModel): several tokens per step, the same text."""
+    if speculate is not None:
+        if cuda_graph:
+            raise ValueError("speculate: a CUDA graph replays one-token steps; leave out cuda_graph to speculate")
+        yield from speculate.generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                      generator, cache)
+        return
     device = model.model.embed_tokens.weight.device
     ids = torch.tensor([prompt_ids], device=device)
     if cache is None:
@@ -106,13 +113,15 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         logits = step(next_id)
 
 
-def complete(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None):
+def complete(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None,
+             speculate=None):
     """The text that follows prompt: greedy (temperature 0), or sampled (seed: the same text each time); it ends at
-    the end-of-text token or after max_new_tokens."""
-    return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    the end-of-text token or after max_new_tokens. speculate: see generate."""
+    return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, speculate))
 
 
-def stream(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None):
+def stream(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=None,
+           speculate=None):
     """complete()'s text in pieces as the tokens come. A UTF-8 character can span tokens: the incremental decoder
     holds its first bytes back until the rest arrives, so no piece ends in a broken character."""
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]  # no prompt: a new document, after an end of text
@@ -124,7 +133,8 @@ def stream(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=
     device = model.model.embed_tokens.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in generate(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator):
+    for token in generate(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator,
+                          speculate=speculate):
         if token not in stops:
             piece = utf8.decode(tokenizer.decode_bytes([token]))
             if piece:

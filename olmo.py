@@ -772,16 +772,21 @@ class KVCache:
 
     static=True is for CUDA graphs, which replay fixed kernels on fixed memory: every step attends over the whole
     buffers (the mask hides empty slots), so all decode steps have the same shapes, and positions count from a
-    copy of the length on the device, which a replayed step advances itself."""
+    copy of the length on the device, which a replayed step advances itself.
 
-    def __init__(self, config, batch_size, max_len, kv_heads, device, dtype, static=False):
+    spare: ring slots beyond the window, so that rewind can step back over up to `spare` steps after a ring has
+    wrapped (speculative decoding takes back the guesses the model rejected; the mask still sees only the window)."""
+
+    def __init__(self, config, batch_size, max_len, kv_heads, device, dtype, static=False, spare=0):
         self.max_len, self.length, self.static = max_len, 0, static  # length: time steps stored so far
         self.device_length = torch.zeros((), dtype=torch.long, device=device) if static else None
+        self.saved_length = None  # where snapshot() left the Gated DeltaNet states
         def layer(kind):
             if kind == "linear_attention":  # Gated DeltaNet: a state of fixed size instead of keys and values
                 return GDNState(config, batch_size, device, dtype)
-            size = max_len if kind == "full_attention" else min(max_len, config.sliding_window)
-            return LayerKV(self, (batch_size, kv_heads, size, config.head_dim), device, dtype)
+            window = config.sliding_window if kind == "sliding_attention" else None
+            size = max_len if window is None else min(max_len, window + spare)
+            return LayerKV(self, (batch_size, kv_heads, size, config.head_dim), device, dtype, window)
         self.layers = [layer(kind) for kind in config.layer_types]
 
     def check_room(self, T):
@@ -791,14 +796,27 @@ class KVCache:
     def past(self):  # what the next step's time steps count from
         return self.device_length if self.static else self.length
 
+    def snapshot(self):
+        """Keep the Gated DeltaNet states as they are now, so that rewind can come back to this length: their state
+        holds no past to step back through (speculative decoding snapshots before a step of guesses)."""
+        for layer in self.layers:
+            if isinstance(layer, GDNState):
+                layer.save()
+        self.saved_length = self.length
+
     def rewind(self, length):
-        """Forget every time step from `length` on (a chat whose history renders differently from what was fed);
-        False where that cannot be done: a Gated DeltaNet state holds no past, and a ring that has wrapped has
-        overwritten steps the earlier position needs."""
+        """Forget every time step from `length` on (a chat whose history renders differently from what was fed,
+        guesses the model rejected); False where that cannot be done: a Gated DeltaNet state goes back only to
+        the last snapshot, and a ring that has wrapped keeps only `spare` steps more than its window."""
         if length == self.length:
             return True
-        if any(isinstance(layer, GDNState) or layer.k.shape[2] < self.length for layer in self.layers):
+        gdn = [layer for layer in self.layers if isinstance(layer, GDNState)]
+        kv = [layer for layer in self.layers if isinstance(layer, LayerKV)]
+        if not 0 <= length < self.length or (gdn and length != self.saved_length) \
+                or not all(layer.can_rewind(length) for layer in kv):
             return False
+        for layer in gdn:
+            layer.restore()
         self.length = length
         if self.static:
             self.device_length.fill_(length)
@@ -815,10 +833,18 @@ class LayerKV:
     """One layer's part of a KVCache. Each layer gets its own object rather than an index into the cache, so
     that a compiled block is one graph for all layers (an index would be a constant baked into each graph)."""
 
-    def __init__(self, cache, shape, device, dtype):
-        self.cache = cache  # for the shared length
+    def __init__(self, cache, shape, device, dtype, window=None):
+        self.cache, self.window = cache, window  # the shared length; a sliding layer's window
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, KV, S, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def can_rewind(self, length):
+        """Does the ring still hold what a query at `length` sees, the steps length - window + 1 .. length - 1?
+        It holds the last S steps before cache.length. The steps after `length` stay in their slots until
+        overwritten, labelled by _slot_times as S steps earlier: outside the window too, under the same bound."""
+        size = self.k.shape[2]
+        return self.cache.length <= size or (self.window is not None
+                                             and self.cache.length - length <= size - self.window + 1)
 
     def _wraps(self, T):  # would writing T tokens overwrite keys that this chunk's own queries need?
         return T > 1 and self.cache.length + T > self.k.shape[2]
@@ -865,6 +891,16 @@ class GDNState:
         self.conv = torch.zeros(batch_size, channels, c.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
         self.S = torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
                              device=device, dtype=torch.float32)
+        self.saved = None  # (conv, S) at KVCache.snapshot, allocated at the first one: plain decoding never needs it
+
+    def save(self):
+        if self.saved is None:
+            self.saved = self.conv.clone(), self.S.clone()
+        else:
+            self.saved[0].copy_(self.conv), self.saved[1].copy_(self.S)
+
+    def restore(self):
+        self.conv.copy_(self.saved[0]), self.S.copy_(self.saved[1])
 
 # -----------------------------------------------------------------------------------------------------------
 # Loading checkpoints. A folder holds config.json and weights in any layout the releases use: model.safetensors,

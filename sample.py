@@ -20,6 +20,7 @@ import torch
 
 import generate
 import olmo
+import speculate
 import speed
 
 
@@ -75,6 +76,16 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int, default=4096,
                    help="a conversation's length limit in tokens (at most the model's context), which sizes its cache "
                         "(default: %(default)s)")
+    p.add_argument("--speculate", type=speculation, default=0, metavar="K",
+                   help="guess K tokens per step and check them all in one step of the model: the same text (greedy) "
+                        f"or the same distribution (sampling), fewer steps where the guesses hit; auto: up to "
+                        f"{AUTO_K}, only where measured to be faster here (default: 0, off)")
+    p.add_argument("--lookup", type=int, metavar="N",
+                   help=f"with --speculate: guess what followed the last N tokens where they occurred before in the "
+                        f"text (prompt lookup) (default: {speculate.LOOKUP_N})")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="with --speculate: guess with this checkpoint (folder or Hub id) instead, a smaller OLMo with "
+                        "the same tokenizer; loaded as --model is (--device, --dtype, --quantize)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and, on a GPU, replay decode steps as a CUDA graph "
                         "(no gain on a CPU, where compiling takes a while)")
@@ -89,6 +100,12 @@ def parse_args(argv=None):
         p.error("--max-new-tokens and --num-samples must be >= 1, --max-context >= 2")
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
+    if args.lookup is not None and args.lookup < 1:
+        p.error(f"--lookup must be >= 1, got {args.lookup}")
+    if not args.speculate and (args.lookup is not None or args.draft_model):
+        p.error("--lookup and --draft-model choose --speculate's guesses: give --speculate K too")
+    if args.lookup is not None and args.draft_model:
+        p.error("--lookup (prompt lookup) and --draft-model are two ways to guess: give one")
     args.conversation = args.chat and args.prompt is None and args.prompt_file is None  # messages from stdin
     try:
         args.device = parse_device(args.device)
@@ -97,6 +114,22 @@ def parse_args(argv=None):
     args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if args.device.type == "mps" else torch.bfloat16)
     return p, args
+
+
+AUTO_K = 4  # --speculate auto's guesses per step
+
+
+def speculation(value):
+    """--speculate's value: 'auto' or K >= 0."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of guesses >= 0 (0: off), got {value!r}")
+    return k
 
 
 def read_prompt(args):
@@ -237,6 +270,7 @@ def main(argv=None):
                              "tokenizer_config.json): pass an instruct checkpoint, or leave out --chat")
         t0 = time.perf_counter()
         model = generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+        speculator = load_speculator(args, model, tokenizer, mesh)
         speed.keep_freed_memory()
         load_s = time.perf_counter() - t0
         if args.compile:
@@ -251,7 +285,7 @@ def main(argv=None):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.conversation:
         return converse(model, tokenizer, template, specials, args.system, args.max_context, args.max_new_tokens,
-                        sampling, stops, generator)
+                        sampling, stops, generator, speculator=speculator)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     text = render_chat(template, specials, system + [{"role": "user", "content": prompt}]) if args.chat else prompt
     prompt_ids = tokenizer.encode(text)
@@ -275,18 +309,41 @@ def main(argv=None):
         echo = "" if args.chat else prompt  # echo the prompt, then stream the continuation after it
         # --compile on a GPU: decode steps replayed from a CUDA graph where the model allows it
         if stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops, generator, echo=echo,
-                  cuda_graph=args.compile and speed.can_replay_graph(model))[1]:
+                  cuda_graph=args.compile and not speculator and speed.can_replay_graph(model),
+                  speculator=speculator)[1]:
             return 130
     return 0
 
 
+def load_speculator(args, model, tokenizer, mesh):
+    """--speculate's guesser: prompt lookup, or a draft model that shares the model's tokenizer; None when off."""
+    if not args.speculate:
+        return None
+    k, auto = (AUTO_K, True) if args.speculate == "auto" else (args.speculate, False)
+    if not args.draft_model:
+        return speculate.PromptLookup(k, args.lookup or speculate.LOOKUP_N, auto)
+    try:
+        folder = olmo.resolve_checkpoint(args.draft_model)
+        own = olmo.load_tokenizer(folder)
+    except (OSError, ImportError) as e:
+        raise type(e)(f"--draft-model {args.draft_model}: {e}") from None
+    if not speculate.same_token_ids(tokenizer, own):
+        raise ValueError(f"--draft-model {args.draft_model}: its tokenizer gives other tokens than the model's; a "
+                         "draft must share the model's token ids (take one of the same family)")
+    draft = generate.load_model(folder, device=args.device, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--draft-model {args.draft_model}: its vocabulary has {draft.config.vocab_size} ids and "
+                         f"the model's {model.config.vocab_size}; a draft must share the model's token ids")
+    return speculate.DraftModel(draft, k, auto)
+
+
 def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), generator=None, cache=None, echo="",
-           cuda_graph=False):
+           cuda_graph=False, speculator=None):
     """Print echo and then up to max_new_tokens tokens as they come, then a statistics line on stderr; returns (the
     new tokens, interrupted). sampling: generate's temperature, top_k and top_p. A UTF-8 character can span tokens:
     the incremental decoder holds its first bytes back until the rest arrives, so no broken character is ever
     printed. cache: a conversation's, holding its earlier turns. Ctrl-C from the echo on stops the reply and still
-    gives the statistics line."""
+    gives the statistics line. speculator: a speculate.py guesser, or None."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     device = model.model.embed_tokens.weight.device
     tokens, sync = [], torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -296,7 +353,7 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), gen
     try:
         print(echo, end="", flush=True)
         for token in generate.generate(model, prompt_ids, max_new_tokens, **sampling, stop_ids=stops, generator=generator,
-                              cuda_graph=cuda_graph, cache=cache):
+                              cuda_graph=cuda_graph, cache=cache, speculate=speculator):
             if not tokens:
                 t1 = time.perf_counter()  # the prompt is processed and the first token sampled
             tokens.append(token)
@@ -327,14 +384,15 @@ HELP = "/reset starts a new conversation, /system TEXT sets the system message, 
 
 
 def converse(model, tokenizer, template, specials, system, max_context, max_new_tokens, sampling, stops=(),
-             generator=None, keep_cache=True):
+             generator=None, keep_cache=True, speculator=None):
     """A conversation: each message read from stdin (one per line; a terminal gets line editing and history from
     readline) is added to the history, the whole history is rendered with the chat template as transformers
     renders it, and the reply streams. The KV cache outlives the turns: a turn feeds only the tokens that follow
     the longest prefix it shares with what the cache holds (the template may render earlier turns differently,
     e.g. drop a Think model's reasoning: the cache is rewound to where they part). keep_cache=False recomputes
     every turn from scratch (tests compare the two). system: the first system message; max_context: the
-    conversation's length limit in tokens; max_new_tokens, sampling: each reply's, as stream() takes them."""
+    conversation's length limit in tokens; max_new_tokens, sampling, speculator: each reply's, as stream() takes
+    them."""
     terminal = sys.stdin.isatty()
     if terminal:
         try:
@@ -377,10 +435,10 @@ def converse(model, tokenizer, template, specials, system, max_context, max_new_
         while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
             keep += 1
         if cache is None or not keep_cache or not cache.rewind(keep):
-            cache, keep = model.new_cache(1, max_len), 0
+            cache, keep = (speculator.new_cache(model, max_len) if speculator else model.new_cache(1, max_len)), 0
         room = max_len - len(ids)
         reply, interrupted = stream(model, tokenizer, ids[keep:], min(max_new_tokens, room), sampling, stops,
-                                    generator, cache)
+                                    generator, cache, speculator=speculator)
         if len(reply) == room and reply[-1] not in stops:
             print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
         cached = (ids + reply)[:cache.length]

@@ -55,7 +55,7 @@ def test_the_context_bounds_the_new_tokens():
 def test_installed_it_imports_from_anywhere(tmp_path):
     # `pip install -e .` (pyproject.toml) in the environment that runs the tests, as .ci/run does: then the modules
     # import from any folder. Without the install, only from the repository's root.
-    r = subprocess.run([sys.executable, "-c", "import generate, olmo, quantize, tp, speed, ai2_checkpoints, sample; "
+    r = subprocess.run([sys.executable, "-c", "import generate, olmo, speculate, quantize, tp, speed, ai2_checkpoints, sample; "
                         "print(olmo.__file__)"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     if r.returncode and "No module named" in r.stderr:
         pytest.skip("olmo.py is not installed in this environment (pip install -e .)")

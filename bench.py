@@ -582,7 +582,10 @@ def peer_report(stderr):
 
 
 def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token):
-    print(f"\n{args.model}, {args.dtype_name}, {device_name}, torch {torch.__version__}")
+    for key, r in rows.items():  # (N - 1) / (time(N) - time(1)) of a few tokens on a busy machine can come out <= 0
+        for m in [m for m, v in r.items() if v <= 0]:
+            print(f"{key}: {m} not measured (time(N) - time(1) was not positive: the machine was busy)", file=sys.stderr)
+            del r[m]
     print(f"memory bandwidth (best of the run): read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s (read+write); "
           f"weights read per decoded token: {per_token / 1e9:.2f} GB; checkpoint {ckpt_gb:.2f} GB")
     keys = list(rows)
@@ -609,11 +612,11 @@ def report(rows, paired, args, device_name, read_bw, copy_bw, ckpt_gb, per_token
     key = f"KEY {args.model} {args.dtype_name} {args.device.type}: decode b1"
     for name, f in paired.items():  # each of our variants: tok/s (ratio to transformers, paired bandwidth fraction)
         key += f" {name} {rows[name]['decode_b1']:.2f} tok/s ("
-        key += f"{rows[name]['decode_b1'] / ref['decode_b1']:.2f}x transformers, " if ref else ""
+        key += f"{rows[name]['decode_b1'] / ref['decode_b1']:.2f}x transformers, " if ref and "decode_b1" in ref else ""
         key += f"{f['step']:.0%} of read bandwidth paired),"
     key += f" prefill {ours['prefill']:.0f} tok/s"
     if ref:
-        key += f" ({ours['prefill'] / ref['prefill']:.2f}x)"
+        key += f" ({ours['prefill'] / ref['prefill']:.2f}x)" if "prefill" in ref else ""
     if "peak_rss_gb" in ours:
         key += f", load {ours['load_s']:.2f}s peak {ours['peak_rss_gb'] / ckpt_gb:.2f}x checkpoint"
         if ref and "load_s" in ref:

@@ -48,9 +48,8 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
     # silently run eagerly. Graphs: the prefill, decode steps while a ring still has room, decode steps after.
     from torch._dynamo.utils import counters
 
-    config = copy.deepcopy(load("olmo3").config)
-    config.num_hidden_layers, config.layer_types = 10, None
-    config.__post_init__()  # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
+    # OLMo 3's pattern again: sliding layers with rings of 8, every 4th layer full
+    config = load("olmo3").config.replace(num_hidden_layers=10, layer_types=None)
     torch.manual_seed(0)
     eager = olmo.OlmoForCausalLM(config).eval()
     compiled = speed.compile_blocks(copy.deepcopy(eager))

@@ -4,7 +4,6 @@ The tests are split by what they test: test_olmo.py (the model's numerics), test
 test_tp.py, test_speed.py, test_tokenizer.py, test_sample.py (generation and the command line), test_bench.py and
 test_notebooks.py."""
 
-import copy
 import json
 import os
 import socket
@@ -67,11 +66,7 @@ def reference_classes(family):
 
 def with_config(model, **changes):
     """A copy of model with the same weights and a changed config."""
-    config = copy.deepcopy(model.config)
-    for k, v in changes.items():
-        setattr(config, k, v)
-    config.__post_init__()
-    other = olmo.OlmoForCausalLM(config)
+    other = olmo.OlmoForCausalLM(model.config.replace(**changes))
     other.load_state_dict(model.state_dict())
     return other.eval()
 

@@ -8,7 +8,6 @@ devices), the sampling rules, and the decoding loop. sample.py is the command li
 """
 
 import codecs
-from pathlib import Path
 
 import torch
 
@@ -21,10 +20,7 @@ def load(name_or_folder, device=None, dtype=None, quantize=None, mesh=None, revi
     """(model, tokenizer) of a checkpoint folder or Hub id: load_model's model, and the checkpoint's tokenizer
     (or tokenizer: a folder, a tokenizer.json or a Hub id)."""
     folder = olmo.resolve_checkpoint(name_or_folder, revision)
-    tokenizer_path = tokenizer or folder
-    if not Path(tokenizer_path).exists():  # a Hub id
-        tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
-    tok = olmo.load_tokenizer(tokenizer_path)
+    tok = olmo.load_tokenizer(tokenizer or folder)
     return load_model(folder, device, dtype, quantize, mesh, attn_implementation=attn_implementation), tok
 
 

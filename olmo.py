@@ -521,10 +521,10 @@ class OlmoForCausalLM(nn.Module):
                 loss = loss + self.config.router_aux_loss_coef * aux
         return logits, loss
 
-    def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False):
+    def new_cache(self, batch_size, max_len, device=None, dtype=None, static=False, spare=0):
         p = self.model.embed_tokens.weight
         kv_heads = next(layer.self_attn.n_kv_head for layer in self.model.layers if hasattr(layer, "self_attn"))
-        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static)
+        return KVCache(self.config, batch_size, max_len, kv_heads, device or p.device, dtype or p.dtype, static, spare)
 
     @classmethod
     def from_pretrained(cls, name_or_folder, device=None, dtype=None, revision=None, attn_implementation=None):
@@ -1287,10 +1287,12 @@ class Tokenizer:
 
 
 def load_tokenizer(folder_or_file):
-    """The Tokenizer of a checkpoint folder (its tokenizer.json, eos from tokenizer_config.json) or of a file.
-    An OLMo-core checkpoint has none: the tokenizer its config names (e.g. allenai/dolma2-tokenizer) is fetched
-    from the Hub, or found in the Hugging Face cache."""
+    """The Tokenizer of a checkpoint folder (its tokenizer.json, eos from tokenizer_config.json), of a file, or of a
+    Hub id (resolve_checkpoint). An OLMo-core checkpoint has none: the tokenizer its config names (e.g.
+    allenai/dolma2-tokenizer) is fetched from the Hub, or found in the Hugging Face cache."""
     path = Path(folder_or_file)
+    if not path.exists():  # a Hub id
+        path = resolve_checkpoint(folder_or_file)
     file = path / "tokenizer.json" if path.is_dir() else path
     if path.is_dir() and not file.is_file() and (path / "config.json").is_file():
         import ai2_checkpoints

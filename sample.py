@@ -258,12 +258,12 @@ def main(argv=None):
         prompt = read_prompt(args)  # before loading: a missing file should not wait for a large checkpoint
         folder = olmo.resolve_checkpoint(args.model, args.revision)
         tokenizer_path = args.tokenizer or folder
-        if not Path(tokenizer_path).exists():  # a Hub id
-            try:
-                tokenizer_path = olmo.resolve_checkpoint(tokenizer_path)
-            except (OSError, ImportError) as e:
-                raise type(e)(f"--tokenizer {args.tokenizer}: {e}") from None
-        tokenizer = olmo.load_tokenizer(tokenizer_path)
+        try:
+            tokenizer = olmo.load_tokenizer(tokenizer_path)
+        except (OSError, ImportError) as e:
+            if not args.tokenizer:
+                raise
+            raise type(e)(f"--tokenizer {args.tokenizer}: {e}") from None
         template, specials = chat_template(folder) if args.chat else (None, {})
         if args.chat and not template:  # before loading the weights, which can take minutes
             raise ValueError(f"--chat: {folder} has no chat template (chat_template.jinja, or chat_template in "

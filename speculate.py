@@ -20,7 +20,6 @@ import time
 import torch
 
 import generate
-import olmo
 
 LOOKUP_N = 3  # prompt lookup matches the last 3 tokens (then 2, then 1) unless told otherwise
 PROBE_EVERY = 16  # auto: after this many plain steps, one step of guesses again (the text may have changed)
@@ -71,14 +70,15 @@ class Speculator:
         """model.new_cache(1, max_len) whose sliding-window rings can step back over a step's rejected guesses. A
         step feeds at most 2k + 1 tokens (k + 1 a Gated DeltaNet state stepped back over, k guesses); a cache with
         Gated DeltaNet layers goes back over all of them, one without over the k guesses."""
-        p = model.model.embed_tokens.weight
-        kv_heads = next(layer.self_attn.n_kv_head for layer in model.model.layers if hasattr(layer, "self_attn"))
-        return olmo.KVCache(model.config, 1, max_len, kv_heads, p.device, p.dtype, spare=2 * self.k + 1)
+        return model.new_cache(1, max_len, spare=self.spare)
+
+    @property
+    def spare(self):  # ring slots beyond the window that new_cache gives and check_cache asks for
+        return 2 * self.k + 1
 
     def check_cache(self, cache):
-        spare = 2 * self.k + 1
         for layer in cache.layers:
-            if getattr(layer, "window", None) and layer.k.shape[2] < min(cache.max_len, layer.window + spare):
+            if getattr(layer, "window", None) and layer.k.shape[2] < min(cache.max_len, layer.window + self.spare):
                 raise ValueError("cache: its sliding-window rings keep no room to take back rejected guesses; make "
                                  "it with speculator.new_cache(model, max_len)")
 

@@ -2,6 +2,7 @@
 not yet, and why. It returns True or False and never raises, so a notebook with unsolved exercises still runs.
 Solutions, if you are stuck: solutions.py (the tests run every check on them, and on wrong answers)."""
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -14,13 +15,40 @@ import ai2_checkpoints  # noqa: E402
 import generate  # noqa: E402
 
 
-def _verdict(fn, cases):
-    """cases: (description, arguments, expected, compare) tuples; compare(got, expected) -> bool."""
+class _Shortcut(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _forbidding(shortcuts):
+    """Within: each of shortcuts, a (module, attribute name) pair such as (olmo, "make_mask"), raises _Shortcut
+    instead of computing the answer, so an exercise cannot be passed by calling the library function it rebuilds."""
+    saved = [(module, name, getattr(module, name)) for module, name in shortcuts]
+
+    def refuse(module, name):
+        def refused(*args, **kwargs):
+            raise _Shortcut(f"{module.__name__}.{name}")
+        return refused
+    for module, name, _ in saved:
+        setattr(module, name, refuse(module, name))
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _verdict(fn, cases, shortcuts=()):
+    """cases: (description, arguments, expected, compare) tuples; compare(got, expected) -> bool.
+    shortcuts: the library functions that compute the answer, which fn may not call (see _forbidding)."""
     name = getattr(fn, "__name__", "your function")
     for description, args, expected, compare in cases:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _forbidding(shortcuts):
                 got = fn(*args)
+        except _Shortcut as e:
+            print(f"not yet: {name} calls {e}, which computes the answer: this exercise asks you to write it yourself")
+            return False
         except Exception as e:  # an exercise may still raise NotImplementedError, or fail in any other way
             print(f"not yet: {name} raised {type(e).__name__}: {e} ({description})")
             return False

@@ -173,6 +173,89 @@ def test_the_notebooks_are_committed_with_outputs_asserts_and_exercises():
         assert "pictures." in source and any("image/png" in o.get("data", {}) for o in outputs), path.name  # a diagram
 
 
+PROSE_NUMBER = re.compile(r"(?<![\w.\-])\d+(?:,\d{3})*(?:\.\d+)?(?![\w\-]|\.\d)")
+
+
+def prose_numbers(markdown):
+    """The figures a notebook's text states: numbers outside formulas, code spans and links, leaving out the digits
+    0-9 (counts and names such as OLMo 2), years 1990-2029 (citations) and anything joined to letters or a hyphen
+    (7B, bf16, OLMo-2-0425-1B) or starting with a 0 (0425)."""
+    text = re.sub(r"\$\$.*?\$\$|\$[^$\n]*\$|`[^`\n]*`|\]\([^)]*\)|<[^>]*>", " ", markdown, flags=re.S)
+    numbers = {n.replace(",", "") for n in PROSE_NUMBER.findall(text)}
+    return {n for n in numbers if not (len(n) == 1 or re.fullmatch(r"(199\d|20[0-2]\d|0\d+)", n))}
+
+
+def computed_numbers(cells):
+    """The numbers a notebook computes or pins: every number its outputs print (but not one the code merely writes
+    inside a string, which would be decoration), the constants of its asserts that compare something computed, and
+    the settings it uses (a literal bound to a keyword argument, or to a name the notebook reads again)."""
+    import ast
+    import io
+    import tokenize
+
+    code = [c.source for c in cells if c.cell_type == "code"]
+    in_strings, backed, settings, names_read = set(), set(), {}, set()
+    for source in code:
+        source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        try:
+            tree = ast.parse(source)
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (SyntaxError, tokenize.TokenError):
+            continue
+        for t in tokens:
+            if t.type == tokenize.STRING or getattr(tokenize, "FSTRING_MIDDLE", None) == t.type:
+                in_strings |= {n.replace(",", "") for n in PROSE_NUMBER.findall(t.string)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                names_read.add(node.id)
+            constants = []
+            if isinstance(node, ast.Assert) and any(isinstance(n, (ast.Name, ast.Call, ast.Attribute))
+                                                    for n in ast.walk(node.test)):
+                backed |= {repr(c.value) for c in ast.walk(node.test) if isinstance(c, ast.Constant)}
+            elif isinstance(node, ast.keyword):
+                constants = [(None, node.value)]
+            elif isinstance(node, ast.Assign):
+                constants = [(t.id, node.value) for t in node.targets if isinstance(t, ast.Name)]
+            for name, value in constants:
+                for c in ast.walk(value):
+                    if isinstance(c, ast.Constant) and isinstance(c.value, (int, float)):
+                        settings.setdefault(name, set()).add(repr(c.value))
+    for name, values in settings.items():
+        if name is None or name in names_read:
+            backed |= values
+    printed = set()
+    for cell in cells:
+        for o in cell.get("outputs", []):
+            text = o.get("text", "") + o.get("data", {}).get("text/plain", "") + o.get("data", {}).get("text/markdown", "")
+            printed |= {n.replace(",", "") for n in PROSE_NUMBER.findall(text)}
+    return backed | (printed - in_strings)
+
+
+def unbacked_numbers(nb):
+    """The figures in a notebook's markdown that none of its outputs, asserts or settings produce."""
+    backed = computed_numbers(nb.cells)
+    backed_values = {float(n) for n in backed if re.fullmatch(r"[\d.e+-]+", n) and n.count(".") <= 1}
+    stated = prose_numbers("\n".join(c.source for c in nb.cells if c.cell_type == "markdown"))
+    return sorted(n for n in stated if n not in backed and float(n) not in backed_values)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_number_in_the_prose_is_computed_on_the_page(path):
+    nbformat = pytest.importorskip("nbformat")
+    assert unbacked_numbers(nbformat.read(path, as_version=4)) == [], "state these as the notebook prints them"
+
+
+def test_the_number_check_catches_a_figure_no_cell_computes():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("Its loss is 1.82 bits per byte, 53 MB, not 2.2; OLMo-2-0425-1B in 2024 for $10^{16}$."),
+        nbformat.v4.new_code_cell("bpb = 1.8234\nprint(f'{bpb:.2f}')\nprint('53 MB')\nx = 2.2",
+                                  outputs=[nbformat.v4.new_output("stream", text="1.82\n53 MB\n")])])
+    assert unbacked_numbers(nb) == ["2.2", "53"]  # 53 is only written in a string; x = 2.2 is never read
+    nb.cells[1].source += "\nassert size_mb(bpb) == 53"
+    assert unbacked_numbers(nb) == ["2.2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path):

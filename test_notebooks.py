@@ -125,6 +125,15 @@ WRONG_TOO = {  # a second mistake for each
 }
 assert RIGHT_TOO.keys() == WRONG_TOO.keys() == WRONG.keys()
 
+SHORTCUT = {  # each exercise answered by calling the library function it asks the student to write
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHORTCUT))
+def test_exercise_checks_reject_the_library_shortcut(name, capsys):
+    assert getattr(checks, f"check_{name}")(SHORTCUT[name]) is False
+    assert "asks you to write it yourself" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("name", sorted(RIGHT_TOO))
 def test_exercise_checks_accept_another_right_answer_and_catch_a_second_wrong_one(name, capsys):

@@ -373,7 +373,8 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, sampling, stops=(), gen
     weights = sum(p.nbytes for p in generate.weights_read_per_token(model))
     print(f"{'interrupted; ' if interrupted else ''}prompt {len(prompt_ids)} tokens, prefill {prefill_rate:.1f} "
           f"tok/s, decode {n} tokens at {decode_rate:.1f} tok/s ({decode_rate * weights / 1e9:.1f} GB/s of weights), "
-          f"peak {peak}",
+          + (f"{speculator.tokens / speculator.steps:.2f} tokens per step, " if speculator and speculator.steps else "")
+          + f"peak {peak}",
           file=sys.stderr)
     return tokens, interrupted
 

@@ -43,6 +43,7 @@ class Speculator:
         self.seconds = {}  # auto: guesses per step (0 or k) -> a step's seconds, guessing included
         self.kept, self.offered = 1.0, 2.0  # auto: guesses kept of those made, decaying sums (a prior of 1 in 2)
         self.plain_steps = 0
+        self.steps = self.tokens = 0  # the last text's model steps after the prompt, and the tokens they gave
 
     def choose(self, left):
         """How many guesses the next step makes, when `left` tokens remain to be generated."""
@@ -105,6 +106,7 @@ class Speculator:
         self.check_cache(cache)
         self.start(model, prompt_ids, len(prompt_ids) + max_new_tokens + self.k)
         before, seq = cache.length, list(prompt_ids)  # the cache holds before + a prefix of seq
+        self.steps = self.tokens = 0
         logits, _ = model(torch.tensor([seq], device=device), cache=cache, last_only=True)  # prefill
         if not max_new_tokens:
             return
@@ -130,6 +132,7 @@ class Speculator:
             self.measured(len(guesses), time.perf_counter() - t0, len(new) - 1)  # verify synced with the device
             seq += new
             left -= len(new)
+            self.steps, self.tokens = self.steps + 1, self.tokens + len(new)
             token = new[-1]
             if (not left or token in stop_ids) and cache.length < before + len(seq) - 1:  # the end: catch up
                 model(torch.tensor([seq[cache.length - before:-1]], device=device), cache=cache, last_only=True)

@@ -2,6 +2,7 @@
 model's distribution, and the KV cache takes back rejected guesses exactly."""
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -251,12 +252,18 @@ def test_sample_speculates_to_the_same_text(capsys):
     tiny = str(Path(__file__).parent / "notebooks" / "tiny_olmo")
     common = ["--model", tiny, "--prompt", "Return the", "--temperature", "0", "--max-new-tokens", "60",
               "--dtype", "float32"]
-    outputs = []
+    outputs, per_step = [], []
     for extra in ([], ["--speculate", "4"], ["--speculate", "3", "--lookup", "1"], ["--speculate", "auto"],
                   ["--speculate", "2", "--draft-model", tiny]):
         assert sample.main(common + extra) == 0
-        outputs.append(capsys.readouterr().out)
+        out, err = capsys.readouterr()
+        outputs.append(out)
+        per_step.append(re.findall(r"([\d.]+) tokens per step", err))
     assert outputs[1:] == outputs[:1] * 4 and len(outputs[0]) > 20
+    # the statistics line says how many tokens a step gave: none without guesses; 2 guesses the model always
+    # keeps (the draft is the model) give 3 tokens a step, but for the shorter last step
+    assert per_step[0] == [] and all(len(found) == 1 for found in per_step[1:])
+    assert 2.9 <= float(per_step[4][0]) <= 3
     for bad in (["--lookup", "2"], ["--draft-model", tiny], ["--speculate", "-1"], ["--speculate", "many"],
                 ["--speculate", "2", "--lookup", "2", "--draft-model", tiny]):
         with pytest.raises(SystemExit) as done:

@@ -38,8 +38,8 @@ def parse_args(argv=None):
     """The parser and its arguments; a malformed command line exits here (status 2, with the usage)."""
     p = argparse.ArgumentParser(description="Generate text with an OLMo checkpoint (olmo.py).", epilog=EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's lines as written
-    p.add_argument("--model", default="allenai/OLMo-2-0425-1B",
-                   help="checkpoint folder or Hugging Face Hub id (default: %(default)s)")
+    p.add_argument("--model", help=f"checkpoint folder or Hugging Face Hub id (default: {DEFAULT_MODEL}, from the "
+                   f"Hugging Face cache or the Hub; where neither can be had, the demo model {DEMO_MODEL_NAME})")
     p.add_argument("--revision", help="with a Hub id: a branch (e.g. an intermediate checkpoint such as "
                    "stage1-step10000-tokens42B), tag or commit (default: main)")
     p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json file or Hub id (default: the checkpoint's, "
@@ -239,6 +239,28 @@ def fail(parser, message):
     return 1
 
 
+DEFAULT_MODEL = "allenai/OLMo-2-0425-1B"
+DEMO_MODEL = Path(__file__).resolve().parent / "notebooks" / "tiny_olmo"  # trained by notebooks/train_tiny_olmo.py
+DEMO_MODEL_NAME = "notebooks/tiny_olmo"
+
+
+def resolve_model(args):
+    """--model's checkpoint folder. Without --model: the released OLMo 2 1B, from the Hugging Face cache or the Hub;
+    where it cannot be had (offline with nothing cached, or no huggingface_hub), the demo model in this repository,
+    with one line saying so, so that `python sample.py` runs anywhere."""
+    if args.model is not None or args.revision is not None:
+        return olmo.resolve_checkpoint(args.model or DEFAULT_MODEL, args.revision)
+    try:
+        folder, args.model = olmo.resolve_checkpoint(DEFAULT_MODEL), DEFAULT_MODEL  # args.model: what "loaded" names
+        return folder
+    except (OSError, ImportError) as e:
+        why = "huggingface_hub is not installed" if isinstance(e, ImportError) else "it is not cached and the Hub is out of reach"
+        print(f"({DEFAULT_MODEL}: {why}; running the small demo model {DEMO_MODEL_NAME} instead. For the real one: "
+              f"pip install huggingface_hub, then online once: python sample.py --model {DEFAULT_MODEL})", file=sys.stderr)
+        args.model = DEMO_MODEL_NAME
+        return DEMO_MODEL
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
     try:
@@ -256,7 +278,7 @@ def main(argv=None):
             args.seed = seed[0]
     try:
         prompt = read_prompt(args)  # before loading: a missing file should not wait for a large checkpoint
-        folder = olmo.resolve_checkpoint(args.model, args.revision)
+        folder = resolve_model(args)
         tokenizer_path = args.tokenizer or folder
         try:
             tokenizer = olmo.load_tokenizer(tokenizer_path)

@@ -198,11 +198,34 @@ def test_help_shows_the_defaults_and_the_exit_statuses(capsys):
         sample.parse_args(["--help"])
     assert done.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal's width
-    for default in ("allenai/OLMo-2-0425-1B", "200", "0.8", "1", "auto", "4096"):
+    for default in ("200", "0.8", "1", "auto", "4096"):
         assert f"(default: {default})" in out
+    assert "(default: allenai/OLMo-2-0425-1B, from the Hugging Face cache or the Hub; where neither can be had, the " \
+           "demo model notebooks/tiny_olmo)" in out
     for status, meaning in (("0", "done"), ("1", "the command cannot be carried out"),
                             ("2", "the command line is malformed"), ("130", "interrupted by Ctrl-C")):
         assert f" {status} {meaning}" in out
+
+
+def test_without_a_model_offline_the_demo_model_runs_and_says_so(tmp_path):
+    # nothing cached (an empty Hugging Face home) and the Hub out of reach: `python sample.py` still runs, on the
+    # demo model, with one line saying so; a --model given explicitly is never replaced
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(Path(__file__).parent / "sample.py"), "--prompt", "Return the", "--max-new-tokens",
+               "8", "--temperature", "0"]
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notice = [line for line in r.stderr.splitlines() if "demo model" in line]
+    assert notice == ["(allenai/OLMo-2-0425-1B: it is not cached and the Hub is out of reach; running the small demo "
+                      "model notebooks/tiny_olmo instead. For the real one: pip install huggingface_hub, then online "
+                      "once: python sample.py --model allenai/OLMo-2-0425-1B)"]
+    assert "loaded notebooks/tiny_olmo (olmo2" in r.stderr
+    demo = run_sample("--model", str(Path(__file__).parent / "notebooks" / "tiny_olmo"), "--prompt", "Return the",
+                      "--max-new-tokens", "8", "--temperature", "0")
+    assert r.stdout == demo.stdout and len(r.stdout) > len("Return the")
+    r = subprocess.run(command + ["--model", "allenai/OLMo-2-0425-1B"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1 and "could not download 'allenai/OLMo-2-0425-1B'" in r.stderr and "demo" not in r.stderr
 
 
 @pytest.mark.slow

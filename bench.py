@@ -66,7 +66,18 @@ def parse_args():
     p.add_argument("--quantize", choices=["int8", "int4", "w8a8"], help="in-process part: our model quantized")
     p.add_argument("--parts", default="inprocess,processes",
                    help="inprocess (the table of in-process timings), processes (whole sample.py processes against a "
-                        "transformers script; CPU only), or both")
+                        "transformers script; CPU only), speculation (the same, decoding with guesses), or several")
+    p.add_argument("--speculate", type=int, default=4, metavar="K",
+                   help="speculation part: guesses per step, for sample.py --speculate and transformers' prompt lookup "
+                        "and assisted generation")
+    p.add_argument("--draft-model", type=Path, help="speculation part: also guess with this draft checkpoint (sample.py "
+                   "--draft-model against transformers' assisted generation)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="speculation part: texts each process generates (sample.py --num-samples), so that a small "
+                        "model decodes for longer than a process takes to start")
+    p.add_argument("--tasks", default="copy,write",
+                   help="speculation part: copy (the prompt is a function, then the start of a copy of it) and/or write "
+                        "(a sentence of prose to go on from)")
     p.add_argument("--variants", default="bf16,int8",
                    help="processes part: weight formats, each against its transformers peer (int8: torchao's "
                         "int8 weight-only, w8a8: torchao's int8 dynamic activations and int8 weights, where torchao "
@@ -78,12 +89,18 @@ def parse_args():
     p.add_argument("--doc", type=Path, help="also write this run's report into FILE (docs/speed.md), between its "
                    f"lines {DOC_START!r} and {DOC_END!r}, with the host, the versions and the command")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--rows-child", nargs=3, metavar=("FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = sample.pick_device(args.device)
     args.dtype_name, args.dtype = args.dtype, getattr(torch, args.dtype)
     args.parts = set(args.parts.split(","))
-    if args.parts - {"inprocess", "processes"}:
-        p.error(f"--parts: expected inprocess and/or processes, got {','.join(args.parts)}")
+    if args.parts - {"inprocess", "processes", "speculation"}:
+        p.error(f"--parts: expected inprocess, processes and/or speculation, got {','.join(args.parts)}")
+    args.tasks = args.tasks.split(",")
+    if set(args.tasks) - set(TASKS):
+        p.error(f"--tasks: expected copy and/or write, got {','.join(args.tasks)}")
+    if args.draft_model and not args.draft_model.is_dir():
+        p.error(f"--draft-model: no such checkpoint folder: {args.draft_model}")
     args.variants = args.variants.split(",")
     if set(args.variants) - {"bf16", "int8", "int4", "w8a8"}:
         p.error(f"--variants: expected bf16, int8, int4 and/or w8a8, got {','.join(args.variants)}")
@@ -310,7 +327,8 @@ def prefill_rate(impl, args):
     return args.prefill_len / timed(lambda: impl.prefill(ids), args.device)
 
 
-DOC_START, DOC_END = "<!-- bench.py --doc: start -->", "<!-- bench.py --doc: end -->"
+DOC_START, DOC_END = "<!-- bench.py --doc: start -->", "<!-- bench.py --doc: end -->"  # --parts speculation alone
+# writes into its own block, "<!-- bench.py --doc speculation: start -->" to "... end -->"
 
 
 def host():
@@ -325,17 +343,18 @@ def host():
     return f"{cpu} ({', '.join(flags) or 'no AVX512'}), {os.cpu_count()} cores; {', '.join(versions)}"
 
 
-def write_doc(path, report_text):
-    """Replace the block between DOC_START and DOC_END in path with this run's report."""
+def write_doc(path, report_text, block=""):
+    """Replace the block between DOC_START and DOC_END (or a named block's markers) in path with this run's report."""
     text = path.read_text()
-    if DOC_START not in text or DOC_END not in text:
-        raise SystemExit(f"bench.py: {path} has no {DOC_START} ... {DOC_END} block to write the report into")
+    start, end = (DOC_START, DOC_END) if not block else (m.replace("--doc:", f"--doc {block}:") for m in (DOC_START, DOC_END))
+    if start not in text or end not in text:
+        raise SystemExit(f"bench.py: {path} has no {start} ... {end} block to write the report into")
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                                                      "FBGEMM_ENABLE_INSTRUCTIONS", "OLMO_PROMPT_MATMUL") if k in os.environ)
-    block = (f"{DOC_START}\nWritten by `{(env + ' ') if env else ''}python bench.py {' '.join(sys.argv[1:])}` on "
-             f"{time.strftime('%Y-%m-%d')}, {host()}:\n\n```\n{report_text.strip()}\n```\n{DOC_END}")
-    head, rest = text.split(DOC_START, 1)
-    path.write_text(head + block + rest.split(DOC_END, 1)[1])
+    written = (f"{start}\nWritten by `{(env + ' ') if env else ''}python bench.py {' '.join(sys.argv[1:])}` on "
+               f"{time.strftime('%Y-%m-%d')}, {host()}:\n\n```\n{report_text.strip()}\n```\n{end}")
+    head, rest = text.split(start, 1)
+    path.write_text(head + written + rest.split(end, 1)[1])
 
 
 def main():
@@ -359,8 +378,11 @@ def main():
             in_process(args, folder, have_reference)
         if "processes" in args.parts and args.device.type == "cpu":
             whole_processes(args, folder, have_reference)
+        if "speculation" in args.parts and args.device.type == "cpu":
+            step_costs(args, folder)
+            speculation_processes(args, folder, have_reference)
     if args.doc:
-        write_doc(args.doc, sys.stdout.text.getvalue())
+        write_doc(args.doc, sys.stdout.text.getvalue(), "speculation" if args.parts == {"speculation"} else "")
 
 
 class Tee:
@@ -444,7 +466,8 @@ PEER = """
 import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, prompt_file, n, dtype, variant = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-kwargs = {}
+samples, guessing = int(sys.argv[6]), sys.argv[7:]  # guessing: [], ["lookup", K] or ["draft", K, FOLDER]
+kwargs, generating = {}, {}
 if variant in ("int8", "w8a8"):  # torchao's int8 quantization, as transformers offers it
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     from transformers import TorchAoConfig
@@ -452,21 +475,33 @@ if variant in ("int8", "w8a8"):  # torchao's int8 quantization, as transformers 
     kwargs["quantization_config"] = TorchAoConfig(quant_type=config)
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
+if guessing[:1] == ["lookup"]:
+    generating["prompt_lookup_num_tokens"] = int(guessing[1])
+elif guessing[:1] == ["draft"]:  # K guesses each step, as sample.py --speculate K makes
+    generating.update(assistant_model=AutoModelForCausalLM.from_pretrained(guessing[2], dtype=getattr(torch, dtype)),
+                      num_assistant_tokens=int(guessing[1]), num_assistant_tokens_schedule="constant",
+                      assistant_confidence_threshold=0.0)
 ids = tokenizer(open(prompt_file).read(), return_tensors="pt").input_ids
 t = time.perf_counter()
-out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                     pad_token_id=tokenizer.pad_token_id or 0)
+for _ in range(samples):  # as sample.py --num-samples: the same greedy text again
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or 0, **generating)
 seconds = time.perf_counter() - t
 print(tokenizer.decode(out[0, ids.shape[1]:]))
 print(f"prompt {ids.shape[1]} tokens, generated {out.shape[1] - ids.shape[1]} in {seconds:.3f}s", file=sys.stderr)
 """
 
 
-def process_command(impl, variant, folder, prompt_file, n, dtype_name):
+def process_command(impl, variant, folder, prompt_file, n, dtype_name, guessing=(), samples=1):
+    """guessing: () to decode plainly, ("lookup", K) or ("draft", K, FOLDER); samples: texts generated, one after
+    the other (a small model's text decodes in less time than a process takes to start)."""
+    guessing = [str(g) for g in guessing]
     if impl == "transformers":
-        return [sys.executable, "-c", PEER, str(folder), str(prompt_file), str(n), dtype_name, variant]
+        return [sys.executable, "-c", PEER, str(folder), str(prompt_file), str(n), dtype_name, variant, str(samples)] + guessing
     command = [sys.executable, str(Path(__file__).parent / "sample.py"), "--model", str(folder), "--prompt-file",
-               str(prompt_file), "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu", "--dtype", dtype_name]
+               str(prompt_file), "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu", "--dtype", dtype_name,
+               "--num-samples", str(samples)]
+    command += ["--speculate", guessing[1]] + (["--draft-model", guessing[2]] if guessing[0] == "draft" else []) if guessing else []
     return command + (["--quantize", variant] if variant != "bf16" else [])
 
 
@@ -540,6 +575,140 @@ def whole_processes(args, folder, have_reference):
         key += f", {decode['olmo.py', v] / decode['transformers', v]:.2f}x transformers" if ("transformers", v) in decode else ""
         key += f", {decode['olmo.py', v] / decode['olmo.py', 'bf16']:.2f}x our bf16)," if v != "bf16" and "bf16" in args.variants else "),"
     print(key)
+
+
+# ---- speculative decoding, in whole processes ----------------------------------------------------------------
+
+COPY_SOURCE = """def moving_average(values, width):
+    \"\"\"The mean of each run of `width` consecutive values.\"\"\"
+    total, means = 0.0, []
+    for i, value in enumerate(values):
+        total += value
+        if i >= width:
+            total -= values[i - width]
+        if i >= width - 1:
+            means.append(total / width)
+    return means
+"""
+TASKS = ("copy", "write")  # copy: the output repeats the prompt, where guesses from the prompt are right; write: not
+
+
+def task_prompt(task, tokenizer, context):
+    """write: PROMPT. copy: COPY_SOURCE, then the first line of a copy of it; as many of its lines as keep the prompt
+    within a third of the model's context (the tiny model's context holds 256 bytes), so the copy fits after it."""
+    if task == "write":
+        return PROMPT
+    lines = COPY_SOURCE.splitlines(keepends=True)
+    for n in range(len(lines), 1, -1):
+        prompt = "".join(lines[:n]) + "\n# The same again, unchanged:\n" + lines[0]
+        if len(tokenizer.encode(prompt)) <= context // 3:
+            break
+    return prompt
+
+
+ROW_COUNTS = (1, 2, 3, 5, 9)  # a plain step, and a step over the last token and 1, 2, 4 or 8 guesses
+KERNELS = {  # the CPU kernels PyTorch picks on other hosts, chosen on this one by its environment variables
+    "native": {},
+    "AVX512 without BF16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "OLMO_PROMPT_MATMUL": "float32"},
+}
+
+
+def rows_child(folder, dtype, quantize):
+    """Run in a fresh process (its kernels chosen by its environment): the seconds of one decode step over each of
+    ROW_COUNTS new rows after a 128-token prompt, medians of 8, as JSON on stdout."""
+    model = generate.load_model(folder, dtype=getattr(torch, dtype), quantize=None if quantize == "None" else quantize)
+    prompt = torch.randint(0, min(model.config.vocab_size, 50000), (1, 128))
+    seconds = {}
+    with torch.inference_mode():
+        for rows in (1,) + ROW_COUNTS:  # the first plain step again: warm-up
+            times = []
+            for _ in range(8):
+                cache = model.new_cache(1, 128 + rows)
+                model(prompt, cache=cache, last_only=True)
+                new = torch.randint(0, 1000, (1, rows))
+                t = time.perf_counter()
+                model(new, cache=cache)
+                times.append(time.perf_counter() - t)
+            seconds[rows] = statistics.median(times)
+    print(json.dumps(seconds))
+
+
+def step_costs(args, folder):
+    """What a step over several rows costs against a step over one, per weight format and per kind of CPU kernels
+    (KERNELS, each in a process of its own): where it is not much more, checking guesses in one step pays."""
+    print(f"\none decode step over R rows after a 128-token prompt, in process, {args.model}, medians of 8 "
+          "(R = 1 + the guesses checked); ms, and in brackets the cost against one row")
+    print(f"{'':30s}" + "".join(f"{'R = ' + str(r):>18s}" for r in ROW_COUNTS))
+    for v in args.variants:
+        for kernels, env in KERNELS.items():
+            r = subprocess.run([sys.executable, __file__, "--rows-child", str(folder), args.dtype_name,
+                                "None" if v == "bf16" else v], capture_output=True, text=True, env={**os.environ, **env})
+            if r.returncode:
+                raise RuntimeError(f"the rows child ({v}, {kernels}) failed:\n{r.stderr[-2000:]}")
+            seconds = {int(k): t for k, t in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+            print(f"{v + ', ' + kernels + ' kernels':30s}" + "".join(
+                f"{f'{1e3 * seconds[n]:.1f} ({seconds[n] / seconds[1]:.2f}x)':>18s}" for n in ROW_COUNTS))
+
+
+def speculation_processes(args, folder, have_reference):
+    """Decoding with guesses as a user meets it: whole `python sample.py --speculate K` processes (prompt lookup, the
+    same with --speculate auto, and a draft model with --draft-model) against plain sample.py and against a
+    transformers script with its prompt lookup (prompt_lookup_num_tokens=K) and assisted generation (K guesses a
+    step), per task and weight format. Each run generates N and 1 new tokens, greedy, --samples times;
+    samples * (N - 1) / (time(N) - time(1)) is its decode rate; rounds alternate, medians. Ours also report the
+    tokens each step gave (sample.py's statistics line), and whether the text equals plain decoding's."""
+    torchao = have_reference and importlib.util.find_spec("torchao") is not None
+    peers = {"bf16": have_reference, "int8": torchao, "w8a8": torchao, "int4": False}
+    guessings = [(), ("lookup", args.speculate), ("lookup", "auto")]  # auto: sample.py guesses only where it pays
+    guessings += [("draft", args.speculate, args.draft_model)] if args.draft_model else []
+    runs = [(impl, v, g) for v in args.variants for g in guessings
+            for impl in (["olmo.py"] + (["transformers"] if peers[v] and "auto" not in g else []))]
+    tokenizer, config = olmo.load_tokenizer(folder), olmo.read_config(folder)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            text = task_prompt(task, tokenizer, config.max_position_embeddings)
+            prompt = Path(tmp) / f"{task}.txt"
+            prompt.write_text(text)
+            n = max(2, min(args.max_new_tokens, config.max_position_embeddings - len(tokenizer.encode(text)) - 1))
+            times = {run: {"n": [], "1": []} for run in runs}
+            per_step, texts = {run: [] for run in runs}, {}
+            for r in range(args.process_rounds):
+                for run in runs:
+                    impl, v, g = run
+                    for key, count in (("n", n), ("1", 1)):
+                        t0 = time.perf_counter()
+                        out = subprocess.run(process_command(impl, v, folder, prompt, count, args.dtype_name, g,
+                                                             args.samples), capture_output=True, text=True)
+                        times[run][key].append(time.perf_counter() - t0)
+                        if out.returncode:
+                            raise RuntimeError(f"{impl} {v} {' '.join(map(str, g))} failed:\n{out.stderr[-2000:]}")
+                        if key == "n":
+                            texts[run] = out.stdout
+                            per_step[run] += [float(x) for x in re.findall(r"([\d.]+) tokens per step", out.stderr)]
+                    rate = args.samples * (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
+                    print(f"round {r + 1}: {task} {impl} {v} {' '.join(map(str, g[:2])) or 'plain'}: {rate:.2f} tok/s",
+                          file=sys.stderr, flush=True)
+            for run in runs:
+                rates = [args.samples * (n - 1) / (a - b) for a, b in zip(times[run]["n"], times[run]["1"])]
+                rows.append((task, n, run, statistics.median(rates), min(rates), max(rates),
+                             statistics.median(per_step[run]) if per_step[run] else None,
+                             texts[run] == texts[run[0], run[1], ()]))
+    print(f"\nspeculative decoding in whole processes, {args.model}, {args.dtype_name} activations, CPU, greedy, "
+          f"K = {args.speculate} guesses per step, {args.samples} text(s) of N tokens per process, "
+          f"{args.process_rounds} rounds, medians")
+    print(f"{'':44s}{'N':>5s}{'decode tok/s':>14s}{'min-max':>14s}{'tokens/step':>13s}{'vs plain':>10s}"
+          f"{'vs transformers':>17s}{'same text':>11s}")
+    rate = {(task, run): r for task, _, run, r, *_ in rows}
+    for task, n, (impl, v, g), r, lo, hi, steps, same in rows:
+        name = f"{task}: {impl} {v} " + ({"lookup": "prompt lookup", "draft": "draft model"}[g[0]] if g else "plain")
+        name += ", auto" if "auto" in g else ""
+        peer = rate.get((task, ("transformers", v, g))) if impl == "olmo.py" else None
+        print(f"{name:44s}{n:5d}{r:14.2f}{f'{lo:.2f}-{hi:.2f}':>14s}{f'{steps:.2f}' if steps else '':>13s}"
+              f"{r / rate[task, (impl, v, ())]:10.2f}{f'{r / peer:.2f}' if peer else '':>17s}"
+              f"{('yes' if same else 'no') if g else '':>11s}")
 
 
 PILOT_TOKENS = 17  # new tokens of the first process that measures a run's rate, and the least N
@@ -628,5 +797,8 @@ if __name__ == "__main__":
     if "--load-child" in sys.argv:
         i = sys.argv.index("--load-child")
         load_child(*sys.argv[i + 1:i + 5])
+    elif "--rows-child" in sys.argv:
+        i = sys.argv.index("--rows-child")
+        rows_child(*sys.argv[i + 1:i + 4])
     else:
         main()

@@ -87,7 +87,8 @@ def parse_args():
                    help="processes part: each run generates enough tokens to decode for about this long (at least "
                         f"{PILOT_TOKENS}), as a first process of it measures; 0: --max-new-tokens for all")
     p.add_argument("--doc", type=Path, help="also write this run's report into FILE (docs/speed.md), between its "
-                   f"lines {DOC_START!r} and {DOC_END!r}, with the host, the versions and the command")
+                   f"lines {DOC_START!r} and {DOC_END!r} (--parts speculation: its own block per --model), with "
+                        "the host, the versions and the command")
     p.add_argument("--load-child", nargs=4, metavar=("IMPL", "FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     p.add_argument("--rows-child", nargs=3, metavar=("FOLDER", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -328,7 +329,7 @@ def prefill_rate(impl, args):
 
 
 DOC_START, DOC_END = "<!-- bench.py --doc: start -->", "<!-- bench.py --doc: end -->"  # --parts speculation alone
-# writes into its own block, "<!-- bench.py --doc speculation: start -->" to "... end -->"
+# writes into a block of its own per --model, "<!-- bench.py --doc speculation MODEL: start -->" to "... end -->"
 
 
 def host():
@@ -382,7 +383,7 @@ def main():
             step_costs(args, folder)
             speculation_processes(args, folder, have_reference)
     if args.doc:
-        write_doc(args.doc, sys.stdout.text.getvalue(), "speculation" if args.parts == {"speculation"} else "")
+        write_doc(args.doc, sys.stdout.text.getvalue(), f"speculation {args.model}" if args.parts == {"speculation"} else "")
 
 
 class Tee:

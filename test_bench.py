@@ -69,8 +69,8 @@ def test_bench_speculation_runs_and_reports(tmp_path):
     # processes; --doc writes the report into the speculation block of a copy of docs/speed.md, and only there
     e2e_checkpoint("olmo2", tmp_path / "model")
     doc = tmp_path / "speed.md"
-    doc.write_text((Path(__file__).parent / "docs" / "speed.md").read_text())
-    start, end = "<!-- bench.py --doc speculation: start -->", "<!-- bench.py --doc speculation: end -->"
+    start, end = (f"<!-- bench.py --doc speculation {tmp_path / 'model'}: {m} -->" for m in ("start", "end"))
+    doc.write_text((Path(__file__).parent / "docs" / "speed.md").read_text() + f"\n{start}\n{end}\n")
     before, after = doc.read_text().split(start)[0], doc.read_text().split(end)[1]
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "bench.py"), "--model", str(tmp_path / "model"),
                         "--parts", "speculation", "--variants", "bf16", "--process-rounds", "1", "--max-new-tokens", "12",

@@ -4,14 +4,15 @@ Solutions, if you are stuck: solutions.py (the tests run every check on them, an
 
 import contextlib
 import math
+import operator
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # olmo.py and the files beside it live one folder up
 import olmo  # noqa: E402
-import ai2_checkpoints  # noqa: E402
 import generate  # noqa: E402
 
 
@@ -73,6 +74,9 @@ def _difference(got, expected):
     if isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor) and got.shape == expected.shape:
         if got.dtype != expected.dtype:
             return f"got {got.dtype}, expected {expected.dtype}"
+        if got.is_floating_point() and got.isnan().any():  # nan - x is nan: say where it came from instead
+            return (f"{int(got.isnan().sum())} of {got.numel()} elements are NaN (0/0: was something divided by a "
+                    "sum of zeros?)")
         d = (got.float() - expected.float()).abs()
         return f"largest difference {d.max().item():.3g}; {int((d > 0).sum())} of {d.numel()} elements differ"
     return f"got {_short(got)}, expected {_short(expected)}"
@@ -99,32 +103,329 @@ def _count(config):
         return sum(p.numel() for p in olmo.OlmoForCausalLM(config).parameters())
 
 
-# ---- 01: anatomy ----------------------------------------------------------------------------------------------
+# ---- 01: build OLMo 2 yourself ---------------------------------------------------------------------------------
+# The notebook's stages, in order. Each has a stand-in, olmos_<stage>: the same function computed by olmo.py's
+# module. yours_or_olmos gives the notebook's later stages the student's function once its check passed, the
+# stand-in until then, so the notebook runs top to bottom with any of its exercises unsolved.
 
-def check_parameter_count(fn):
-    """fn(config) -> the number of parameters of OlmoForCausalLM(config), by formula."""
-    names = ["OLMo-1B-hf", "OLMo-7B-hf", "OLMo-2-0425-1B", "OLMo-2-0325-32B", "Olmo-3-1025-7B"]
-    return _verdict(fn, [(name, (olmo.OlmoConfig.from_name(name),), _count(olmo.OlmoConfig.from_name(name)), _equal)
-                         for name in names])
+STAGES = ("embedding", "rms_norm", "rotary", "causal_average", "attention_head", "multi_head", "grouped_query",
+          "olmo2_attention", "swiglu", "olmo2_block", "olmo2")
+_STAND_IN = {"embedding": "nn.Embedding", "rms_norm": "RMSNorm", "rotary": "apply_rope",
+             "causal_average": "Attention (its queries and keys all zero)", "attention_head": "Attention.attend",
+             "multi_head": "Attention", "grouped_query": "Attention", "olmo2_attention": "Attention", "swiglu": "MLP",
+             "olmo2_block": "Block", "olmo2": "OlmoForCausalLM"}
+_passed = {}  # stage -> the function that passed its check
+# olmo.py's pieces as the stand-ins call them, taken now: a check that refuses olmo.Attention to the function it
+# checks does not refuse it to the stand-in of an earlier stage that the function calls
+_olmo = {name: getattr(olmo, name) for name in ("RMSNorm", "Attention", "MLP", "Block", "OlmoForCausalLM", "make_mask",
+                                               "rope_frequencies", "rope_cos_sin", "apply_rope")}
+_embedding = torch.nn.functional.embedding
 
 
-def check_olmoe_rms_norm(fn):
-    """fn(x, weight, eps) -> OLMoE's RMSNorm of x: x / rms(x) in float32, rounded to x's dtype, then times weight."""
-    torch.manual_seed(0)
+def yours_or_olmos(stage, mine):
+    """mine if it passed check_<stage>, else olmo.py's stand-in (called through this module, so that a check can
+    refuse it to the function it checks: the stand-in of a stage, or of a later one, is not an answer)."""
+    if stage in _passed and _passed[stage] is mine:
+        print(f"{stage}: yours")
+        return mine
+    print(f"{stage}: olmo.py's {_STAND_IN[stage]} stands in until my_{stage} passes check_{stage}")
+    return lambda *args: getattr(sys.modules[__name__], f"olmos_{stage}")(*args)
+
+
+def _stage_verdict(stage, fn, cases, shortcuts=()):
+    """_verdict, refusing the stand-ins of this stage and the later ones too; records fn when it passes."""
+    this = sys.modules[__name__]
+    later = [(this, f"olmos_{s}") for s in STAGES[STAGES.index(stage):]]
+    ok = _verdict(fn, cases, tuple(shortcuts) + tuple(later))
+    if ok:
+        _passed[stage] = fn
+    else:
+        _passed.pop(stage, None)
+    return ok
+
+
+def _module(make, state):
+    """The olmo.py module make() builds (on the meta device: no memory, no init), holding the tensors of state."""
+    with torch.device("meta"):
+        module = make()
+    module.load_state_dict(state, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def _config(d, n_head, n_kv_head, **more):
+    return olmo.OlmoConfig(hidden_size=d, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                           attn_implementation="eager", **more)
+
+
+def _from_json(config):
+    """An OlmoConfig from a config.json dict, its attention spelled out (the stand-ins refuse nothing to torch)."""
+    return olmo.OlmoConfig.from_dict(dict(config, attn_implementation="eager"))
+
+
+def _rope_and_mask(config, positions):
+    cos, sin = _olmo["rope_cos_sin"](*_olmo["rope_frequencies"](config, False), positions[None])
+    t = torch.arange(len(positions))
+    return cos, sin, _olmo["make_mask"](t, t, None, None)
+
+
+def olmos_embedding(ids, table):
+    return _embedding(ids, table)  # what nn.Embedding, olmo.py's model.embed_tokens, computes
+
+
+def olmos_rms_norm(x, weight, eps):
+    return _module(lambda: _olmo["RMSNorm"](weight.shape[0], eps), {"weight": weight})(x)
+
+
+def olmos_rotary(x, positions, theta):
+    config = _config(x.shape[-1], 1, 1, rope_theta=theta)
+    cos, sin, _ = _rope_and_mask(config, positions)
+    return _olmo["apply_rope"](x, cos, sin)
+
+
+def _attention(x, state, config, positions=None):
+    """olmo.Attention of config holding state, on x (B, T, d): causal, rotated at positions (None: no RoPE)."""
+    cos, sin, mask = _rope_and_mask(config, torch.arange(x.shape[1]) if positions is None else positions)
+    if positions is None:
+        cos = sin = None
+    return _module(lambda: _olmo["Attention"](config), state)(x, cos, sin, mask)
+
+
+def olmos_causal_average(x):
+    """Attention whose queries and keys are all zero scores every key alike: its softmax is the plain average."""
+    C = x.shape[-1]
+    zero, eye = torch.zeros(C, C, dtype=x.dtype), torch.eye(C, dtype=x.dtype)
+    state = {"q_proj.weight": zero, "k_proj.weight": zero, "v_proj.weight": eye, "o_proj.weight": eye}
+    return _attention(x, state, _config(C, 1, 1, model_type="olmo"))
+
+
+def olmos_attention_head(q, k, v):
+    *lead, T, hs = q.shape
+    with torch.device("meta"):
+        attention = _olmo["Attention"](_config(hs, 1, 1, model_type="olmo"))  # attend uses no weights
+    heads = lambda t: t.reshape(-1, 1, T, t.shape[-1])  # any leading dims -> (N, 1, T, hs)
+    t = torch.arange(T)
+    y = attention.attend(heads(q), heads(k), heads(v), _olmo["make_mask"](t, t, None, None))
+    return y.reshape(*lead, T, v.shape[-1])
+
+
+def olmos_multi_head(x, w, n_head):
+    return _attention(x, w, _config(x.shape[-1], n_head, n_head, model_type="olmo"))  # OLMo 1's: no QK-norm
+
+
+def olmos_grouped_query(x, w, n_head, n_kv_head):
+    return _attention(x, w, _config(x.shape[-1], n_head, n_kv_head, model_type="olmo"))
+
+
+def olmos_olmo2_attention(x, w, config, positions):
+    return _attention(x, w, _from_json(config), positions)
+
+
+def olmos_swiglu(x, w):
+    I, d = w["gate_proj.weight"].shape
+    return _module(lambda: _olmo["MLP"](_config(d, 1, 1, intermediate_size=I)), w)(x)
+
+
+def olmos_olmo2_block(x, w, config, positions):
+    config = _from_json(config)
+    return _module(lambda: _olmo["Block"](config), w)(x, *_rope_and_mask(config, positions))
+
+
+def olmos_olmo2(ids, weights, config):
+    with torch.device("meta"):
+        model = _olmo["OlmoForCausalLM"](_from_json(config))
+    olmo.load_weights(model, dict(weights), "the weights")
+    return model.eval()(ids)[0]
+
+
+# Two small OLMo 2 shapes the checks build: grouped-query, and not; their sizes, theta and eps all differ, so a
+# function that hard-codes one of them (rather than reading the config) fails the other. The second eps is large:
+# on vectors of RMS about 1 an eps of 1e-6 moves nothing, and a function that ignored eps would pass
+_SHAPES = [dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6),
+           dict(vocab_size=50, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=3,
+                num_key_value_heads=3, rope_theta=500000.0, rms_norm_eps=1e-2)]
+# positions with gaps, for the checks that take them: RoPE depends only on the distance between two positions, so
+# evenly spaced ones (0..T-1, or 5..5+T-1) cannot tell a function that reads positions from one that uses 0..T-1
+_GAPPED = torch.tensor([0, 1, 2, 7, 30, 100])
+
+
+def _random_olmo2(shape, seed):
+    """(config.json dict, weights {Hugging Face name: tensor}) of an OLMo 2 of a shape, every weight random: the
+    matrices scaled to keep activations near 1, the norms' weights around 1 but not all 1 (a piece that mixes up
+    which weight goes where cannot pass by luck)."""
+    config = olmo.config_json(olmo.OlmoConfig(model_type="olmo2", **shape))
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in _olmo["OlmoForCausalLM"](_from_json(config)).named_parameters()}
+    weights = {}
+    for name, s in shapes.items():
+        r = torch.randn(s, generator=g)
+        weights[name] = 1 + 0.3 * r if len(s) == 1 else r if "embed" in name else r / s[-1] ** 0.5
+    return config, weights
+
+
+def _part(weights, prefix):
+    return {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)}
+
+
+def _same(tol):
+    """The expected shape and dtype, and every value within tol of the expected one (relative to the largest)."""
+    return lambda got, expected: (isinstance(got, torch.Tensor) and got.shape == expected.shape
+                                  and got.dtype == expected.dtype
+                                  and (got.float() - expected.float()).abs().max().item()
+                                  <= tol * max(1.0, expected.abs().max().item()))
+
+
+def _refusing(*names):  # olmo.py's pieces a stage may not call: they compute its answer
+    return tuple((olmo, name) for name in names)
+
+
+_F = torch.nn.functional
+_ATTENTION = _refusing("Attention", "make_mask") + ((_F, "scaled_dot_product_attention"),)
+
+
+def check_embedding(fn):
+    """fn(ids (B, T), table (V, d)) -> (B, T, d): row ids[b, t] of the table, in the table's dtype, as olmo.py's
+    model.embed_tokens computes it."""
     cases = []
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = (3 * torch.randn(2, 5, 64)).to(dtype), (1 + 0.3 * torch.randn(64)).to(dtype)
-        norm = olmo.RMSNorm(64, 1e-6, rounds_first=True).to(dtype)
-        norm.weight.data = w
-        cases.append((f"x in {dtype}", (x, w, 1e-6), norm(x), _rounded_as))
-    return _verdict(fn, cases)
+    for shape, dtype in zip(_SHAPES, (torch.float32, torch.bfloat16)):
+        config, weights = _random_olmo2(shape, 0)
+        model = _module(lambda: _olmo["OlmoForCausalLM"](_from_json(config)), weights).to(dtype)
+        ids = torch.randint(0, shape["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+        table = model.model.embed_tokens.weight.detach()
+        cases.append((f"a ({shape['vocab_size']}, {shape['hidden_size']}) table in {dtype}", (ids, table),
+                      model.model.embed_tokens(ids), _same(0)))
+    return _stage_verdict("embedding", fn, cases, [(_F, "embedding")])
+
+
+def check_rms_norm(fn):
+    """fn(x, weight, eps) -> OLMo 2's RMSNorm of x, as olmo.RMSNorm computes it: x / rms(x) in float32, times the
+    weight, rounded to x's dtype once, at the end."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for what, dtype, scale, eps in [("x in float32", torch.float32, 3.0, 1e-6), ("x in bfloat16", torch.bfloat16, 3.0, 1e-6),
+                                    ("a small x, where eps counts", torch.float32, 1e-3, 1e-5)]:
+        x, w = (scale * torch.randn(2, 5, 64, generator=g)).to(dtype), (1 + 0.3 * torch.randn(64, generator=g)).to(dtype)
+        cases.append((what, (x, w, eps), olmos_rms_norm(x, w, eps), _rounded_as))
+    return _stage_verdict("rms_norm", fn, cases, _refusing("RMSNorm") + ((_F, "rms_norm"),))
+
+
+def check_rotary(fn):
+    """fn(x (B, nh, T, hs), positions (T,), theta) -> x rotated by RoPE, pairs (i, i + hs/2), in x's dtype, as
+    olmo.py's rope_frequencies, rope_cos_sin and apply_rope compute it."""
+    g = torch.Generator().manual_seed(0)
+    x, positions = torch.randn(2, 3, 6, 16, generator=g), torch.tensor([0, 1, 2, 7, 100, 4095])
+    # 1e-3: a float32 angle near position 4095 is exact to about 2e-4 radians, so the same rotation computed in
+    # another order (pos / theta^e for pos * theta^-e) moves the result by about 1e-4; in bfloat16, a last bit
+    cases = [(f"theta {theta:g}, x in {x.dtype}", (x, positions, theta), olmos_rotary(x, positions, theta), _same(tol))
+             for theta, x, tol in [(10000.0, x, 1e-3), (500000.0, x, 1e-3), (500000.0, x.bfloat16(), 1e-2)]]
+    return _stage_verdict("rotary", fn, cases, _refusing("apply_rope", "rope_cos_sin", "rope_frequencies"))
+
+
+def check_causal_average(fn):
+    """fn(x (B, T, C)) -> (B, T, C): at each position t, the mean of x over positions 0..t."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(f"x of shape {shape}", (x,), olmos_causal_average(x), _same(1e-5))
+             for shape in [(2, 7, 8), (1, 1, 3), (3, 12, 5)] for x in [torch.randn(shape, generator=g)]]
+    return _stage_verdict("causal_average", fn, cases, _ATTENTION)
+
+
+def check_attention_head(fn):
+    """fn(q, k, v (..., T, hs)) -> (..., T, hs): causal softmax(q k^T / sqrt(hs)) v, as olmo.py's
+    Attention.attend computes it, for any leading dimensions."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in [(2, 6, 16), (2, 3, 6, 16), (1, 9, 8)]:
+        q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+        cases.append((f"q, k, v of shape {shape}", (q, k, v), olmos_attention_head(q, k, v), _same(1e-5)))
+    return _stage_verdict("attention_head", fn, cases, _ATTENTION)
+
+
+def _attention_cases(n_heads, seed=0):
+    """(description, x, the attention weights) for each (n_head, n_kv_head), from a random OLMo 2's first layer."""
+    g = torch.Generator().manual_seed(seed)
+    for H, KV in n_heads:
+        config, weights = _random_olmo2(dict(_SHAPES[0], num_attention_heads=H, num_key_value_heads=KV), seed)
+        w = {n: t for n, t in _part(weights, "model.layers.0.self_attn.").items() if "norm" not in n}
+        yield f"{H} query heads, {KV} key/value heads", torch.randn(2, 6, 64, generator=g), w
+
+
+def check_multi_head(fn):
+    """fn(x (B, T, d), w {q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight}, n_head) -> (B, T, d):
+    causal multi-head attention without QK-norm or RoPE, as olmo.Attention computes it (OLMo 1's)."""
+    cases = [(what, (x, w, H), olmos_multi_head(x, w, H), _same(1e-5))
+             for (what, x, w), H in zip(_attention_cases([(4, 4), (2, 2), (1, 1)]), (4, 2, 1))]
+    return _stage_verdict("multi_head", fn, cases, _ATTENTION)
+
+
+def check_grouped_query(fn):
+    """fn(x (B, T, d), w, n_head, n_kv_head) -> (B, T, d): multi-head attention whose n_head query heads share
+    n_kv_head key/value heads, each kv head serving n_head // n_kv_head neighbouring query heads, as olmo.Attention
+    computes it (without QK-norm or RoPE)."""
+    n_heads = [(4, 2), (8, 2), (4, 1), (4, 4)]
+    cases = [(what, (x, w, H, KV), olmos_grouped_query(x, w, H, KV), _same(1e-5))
+             for (what, x, w), (H, KV) in zip(_attention_cases(n_heads), n_heads)]
+    return _stage_verdict("grouped_query", fn, cases, _ATTENTION)
+
+
+def check_olmo2_attention(fn):
+    """fn(x (B, T, d), w (q/k/v/o_proj.weight, q_norm.weight, k_norm.weight), config (config.json's dict),
+    positions (T,)) -> (B, T, d): OLMo 2's attention, as olmo.Attention computes it."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape, positions in zip(_SHAPES, (torch.arange(6), _GAPPED)):
+        config, weights = _random_olmo2(shape, 0)
+        x, w = torch.randn(2, 6, shape["hidden_size"], generator=g), _part(weights, "model.layers.0.self_attn.")
+        what = (f"{shape['num_attention_heads']} query heads, {shape['num_key_value_heads']} key/value heads, "
+                f"theta {shape['rope_theta']:g}, eps {shape['rms_norm_eps']:g}, positions {positions.tolist()}")
+        cases.append((what, (x, w, config, positions), olmos_olmo2_attention(x, w, config, positions), _same(1e-5)))
+    return _stage_verdict("olmo2_attention", fn, cases, _ATTENTION)
+
+
+def check_swiglu(fn):
+    """fn(x (B, T, d), w {gate_proj.weight, up_proj.weight, down_proj.weight}) -> (B, T, d), as olmo.MLP computes it."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in _SHAPES:
+        _, weights = _random_olmo2(shape, 0)
+        x, w = torch.randn(2, 5, shape["hidden_size"], generator=g), _part(weights, "model.layers.0.mlp.")
+        cases.append((f"d = {shape['hidden_size']}, {shape['intermediate_size']} hidden", (x, w), olmos_swiglu(x, w),
+                      _same(1e-5)))
+    return _stage_verdict("swiglu", fn, cases, _refusing("MLP"))
+
+
+def check_olmo2_block(fn):
+    """fn(x (B, T, d), w (one layer's weights, names under model.layers.N.), config, positions (T,)) -> (B, T, d):
+    OLMo 2's block, as olmo.Block computes it."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape, positions in zip(_SHAPES, (torch.arange(6), _GAPPED)):
+        config, weights = _random_olmo2(shape, 0)
+        x, w = torch.randn(2, 6, shape["hidden_size"], generator=g), _part(weights, "model.layers.1.")
+        what = (f"d = {shape['hidden_size']}, {shape['num_attention_heads']} heads, eps {shape['rms_norm_eps']:g}, "
+                f"positions {positions.tolist()}")
+        cases.append((what, (x, w, config, positions), olmos_olmo2_block(x, w, config, positions), _same(1e-5)))
+    return _stage_verdict("olmo2_block", fn, cases, _refusing("Block"))
+
+
+def check_olmo2(fn):
+    """fn(ids (B, T), weights {Hugging Face name: tensor}, config (config.json's dict)) -> logits (B, T, vocab),
+    as olmo.OlmoForCausalLM computes them."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in _SHAPES:
+        config, weights = _random_olmo2(shape, 1)
+        ids = torch.randint(0, shape["vocab_size"], (2, 7), generator=g)
+        what = f"{shape['num_hidden_layers']} layers of width {shape['hidden_size']}, eps {shape['rms_norm_eps']:g}"
+        cases.append((what, (ids, weights, config), olmos_olmo2(ids, weights, config), _same(1e-4)))
+    return _stage_verdict("olmo2", fn, cases, _refusing("OlmoForCausalLM", "OlmoModel", "load_model"))
 
 
 def _rounded_as(got, expected):
     """float32: within 1e-6 of the largest value (the same operations written in another order, x / sqrt(...) for
     x * rsqrt(...), move the last bit). bfloat16: equal, but for last-bit ties in at most 1% of the elements;
     rounding in the other order (once, after the weight multiply) changes about a quarter of them."""
-    if got.shape != expected.shape or got.dtype != expected.dtype:
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != expected.dtype:
         return False
     d = (got.float() - expected.float()).abs()
     if expected.dtype == torch.float32:
@@ -136,55 +437,70 @@ def _rounded_as(got, expected):
 
 def check_sliding_window_mask(fn):
     """fn(T, window) -> (T, T) bool mask, True where query i may attend to key j (window counts the query itself;
-    window None: plain causal)."""
+    window None: plain causal). olmo.make_mask, which every mask of olmo.py comes from, is refused."""
     cases = []
     for T, window in [(10, None), (10, 3), (7, 1), (12, 12)]:
         t = torch.arange(T)
         cases.append((f"T={T}, window={window}", (T, window), olmo.make_mask(t, t, window, None)[0, 0], _close(0)))
-    return _verdict(fn, cases)
+    return _verdict(fn, cases, shortcuts=[(olmo, "make_mask")])
 
 
-def check_rope(fn):
-    """fn(x, positions, theta) -> x (B, H, T, hd) rotated by RoPE at integer positions (T,), half-split form."""
+def check_shifted_keys(fn):
+    """fn(k (B, H, T, hd), shift, inv_freq (hd/2,)) -> the keys k, which RoPE rotated to their positions (half-split
+    pairs, frequencies inv_freq), rotated as if each sat `shift` positions earlier: what a cache that drops its
+    oldest `shift` tokens needs. The positions are not given. olmo's RoPE functions are refused."""
     torch.manual_seed(0)
-    x, pos = torch.randn(1, 2, 6, 16), torch.tensor([0, 1, 2, 7, 100, 4095])
+    raw = torch.randn(1, 2, 5, 16, dtype=torch.float64)  # the keys before RoPE, which fn never sees
+    plain = olmo.OlmoConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, rope_theta=10000.0)
+    yarn = plain.replace(rope_theta=500000.0, max_position_embeddings=4096,
+                         rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512})
     cases = []
-    for theta in (10000.0, 500000.0):
-        config = olmo.OlmoConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, rope_theta=theta)
-        cos, sin = olmo.rope_cos_sin(*olmo.rope_frequencies(config, yarn=False), pos[None])
-        # 1e-3: a float32 angle near position 4095 is exact to about 2e-4 radians, so the same rotation computed in
-        # another order (pos / theta^e for pos * theta^-e) moves the result by about 1e-4
-        cases.append((f"theta {theta:g}", (x, pos, theta), olmo.apply_rope(x, cos, sin), _close(1e-3)))
-    return _verdict(fn, cases)
+    for label, config, first, shift in [("theta 10000, positions 10..14, shift 3", plain, 10, 3),
+                                        ("theta 10000, positions 1000..1004, shift 1000", plain, 1000, 1000),
+                                        ("YaRN's frequencies, positions 300..304, shift 257", yarn, 300, 257)]:
+        inv_freq = olmo.rope_frequencies(config, yarn=config.rope_scaling is not None)[0].double()
+        at = lambda start: olmo.apply_rope(raw, *olmo.rope_cos_sin(inv_freq, 1.0, torch.arange(start, start + 5)[None]))
+        # 1e-4: the keys are float64, but an answer that turns them in float32 is still right (angles up to ~300 rad)
+        cases.append((label, (at(first), shift, inv_freq), at(first - shift), _close(1e-4)))
+    return _verdict(fn, cases, shortcuts=[(olmo, "apply_rope"), (olmo, "rope_cos_sin")])
 
 
 # ---- 03: the generations -----------------------------------------------------------------------------------------
 
-def check_kv_cache_bytes(fn):
-    """fn(config, tokens) -> bytes of a bfloat16 KV cache for one sequence of `tokens` tokens (sliding-window
-    layers keep only their window)."""
-    cases = []
-    for name, tokens in [("OLMo-2-0425-1B", 4096), ("OLMo-2-0325-32B", 1000), ("Olmo-3-1025-7B", 65536),
-                         ("Olmo-3-1025-7B", 1000)]:
-        config = olmo.OlmoConfig.from_name(name)
-        with torch.device("meta"):
-            cache = olmo.KVCache(config, 1, tokens, config.num_key_value_heads, "meta", torch.bfloat16)
-        expected = sum(kv.k.nbytes + kv.v.nbytes for kv in cache.layers)
-        cases.append((f"{name}, {tokens} tokens", (config, tokens), expected, _equal))
-    return _verdict(fn, cases)
+def check_theta_for_context(fn):
+    """fn(context, head_dim, turns) -> the smallest rope_theta at which RoPE's slowest pair of dimensions turns at
+    most `turns` times over `context` tokens. Judged by its effect: at the theta returned, the slowest frequency of
+    olmo.rope_frequencies (which fn may not call) turns `turns` times over the context."""
+    def turns_right(context, head_dim, turns):
+        def compare(got, expected):
+            config = olmo.OlmoConfig(hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1,
+                                     rope_theta=float(got))
+            slowest = olmo.rope_frequencies(config, yarn=False)[0][-1].item()  # radians per token
+            return abs(context * slowest / (2 * math.pi) - turns) <= 1e-5 * turns
+        return compare
+    cases = [(f"{context} tokens, head_dim {hd}, {turns} turns", (context, hd, turns),
+              (context / (2 * math.pi * turns)) ** (hd / (hd - 2)), turns_right(context, hd, turns))
+             for context, hd, turns in [(4096, 128, 0.0016), (65536, 128, 0.5), (2048, 64, 0.05), (8192, 256, 1.0)]]
+    return _verdict(fn, cases, shortcuts=[(olmo, "rope_frequencies")])
 
 
-def check_longest_wavelength(fn):
-    """fn(theta, head_dim) -> the longest RoPE wavelength in tokens: how far apart two positions must be before
-    the slowest-turning pair of dimensions comes round to the same angle."""
-    import math
+def check_tied_embedding_grad(fn):
+    """fn(E (V, d), ids (T,), targets (T,)) -> the gradient with respect to E of the mean cross-entropy of the logits
+    E[ids] @ E^T against targets: a tied model with no blocks, E its embedding and its head at once. By hand:
+    autograd, which computes it, is refused."""
+    g = torch.Generator().manual_seed(0)
     cases = []
-    for theta in (10000.0, 500000.0):
-        config = olmo.OlmoConfig(hidden_size=128 * 16, num_attention_heads=16, num_key_value_heads=16, rope_theta=theta)
-        inv_freq, _ = olmo.rope_frequencies(config, yarn=False)
-        cases.append((f"theta {theta:g}", (theta, 128), 2 * math.pi / inv_freq.min().item(),
-                      lambda got, expected: abs(got - expected) <= 1e-3 * expected))
-    return _verdict(fn, cases)
+    for V, d, ids in [(10, 4, torch.tensor([3, 1, 3, 7, 0, 3])), (50, 8, torch.randint(0, 50, (40,), generator=g))]:
+        E = torch.randn(V, d, generator=g, dtype=torch.float64)
+        targets = torch.randint(0, V, ids.shape, generator=g)
+        with torch.enable_grad():
+            W = E.clone().requires_grad_()
+            torch.nn.functional.cross_entropy(W[ids] @ W.T, targets).backward()
+        repeats = len(ids) - len(ids.unique())  # rows read more than once, whose two parts must add
+        cases.append((f"V={V}, d={d}, {len(ids)} tokens, {repeats} of them repeats", (E, ids, targets), W.grad,
+                      _close(1e-6)))
+    return _verdict(fn, cases, shortcuts=[(torch.Tensor, "backward"), (torch.autograd, "backward"),
+                                          (torch.autograd, "grad")])
 
 
 # ---- 04: generation ------------------------------------------------------------------------------------------------
@@ -200,7 +516,7 @@ def check_top_p_before_temperature(fn):
         chosen = generate.filtered_probs(logits, top_p=p) > 0  # the tokens top-p keeps at temperature 1
         kept = torch.where(chosen, logits / t, float("-inf")).softmax(-1)
         cases.append((f"p = {p}, temperature {t}", (logits, p, t), kept, _close(1e-6)))
-    return _verdict(fn, cases)
+    return _verdict(fn, cases, shortcuts=[(generate, "filtered_probs"), (generate, "sample_next")])
 
 
 def check_min_p(fn):
@@ -212,7 +528,7 @@ def check_min_p(fn):
     for m in (0.05, 0.3, 1.0):
         kept = torch.where(probs >= m * probs.max(-1, keepdim=True).values, probs, 0)
         cases.append((f"min_p = {m}", (logits, m), kept / kept.sum(-1, keepdim=True), _close(1e-6)))
-    return _verdict(fn, cases)
+    return _verdict(fn, cases, shortcuts=[(generate, "filtered_probs"), (generate, "sample_next")])
 
 
 # ---- 05: checkpoints and the tokenizer ------------------------------------------------------------------------
@@ -230,52 +546,138 @@ def _longest_match(piece, ranks):
     return out
 
 
+def _same_ids(got, expected):
+    """The expected ids in order, as any sequence of ints: a list, a tuple, a tensor."""
+    try:
+        return [operator.index(i) for i in got] == expected
+    except TypeError:  # not a sequence, or not of ints
+        return False
+
+
 def check_longest_match(fn):
     """fn(piece: bytes, ranks: {bytes: id}) -> ids of the longest-match tokenization: from the left, always the
-    longest token in the vocabulary that the rest of the piece starts with."""
+    longest token in the vocabulary that the rest of the piece starts with. No library function computes it, so
+    none is refused: the tokenizer's own encoder is BPE, the answer this exercise tells apart."""
     ranks = _dolma2().enc._mergeable_ranks
-    words = [" hello", "12345", " mixtures", " OLMo", " Überraschung", " 🤗", "Gated"]
-    return _verdict(fn, [(repr(w), (w.encode(), ranks), _longest_match(w.encode(), ranks), _equal) for w in words])
+    words = [" hello", "12345", " OLMo", " Überraschung", " 🤗", "Gated", " tokenizers", " medians"]
+    return _verdict(fn, [(repr(w), (w.encode(), ranks), _longest_match(w.encode(), ranks), _same_ids) for w in words])
 
 
-def check_att_proj_split(fn):
-    """fn(att_proj (d + 2 KV*hd, d), config) -> (q, k, v) weights, as AI2's fused projection splits into them."""
-    config = olmo.OlmoConfig(model_type="olmo2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=96, vocab_size=10, num_hidden_layers=1)
-    att_proj = torch.randn(64 + 2 * 32, 64)
-    state = dict(ai2_checkpoints.ai2_names("transformer.blocks.0.att_proj.weight", att_proj, config, "check"))
-    expected = tuple(state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
-    same = lambda got, exp: len(got) == 3 and all(_close(0)(g, e) for g, e in zip(got, exp))
-    return _verdict(fn, [("GQA: 4 query heads, 2 key/value heads of 16", (att_proj, config), expected, same)])
+def _reads_back(got, tensors):
+    """True if olmo.read_safetensors reads tensors back from the bytes got; otherwise raises, saying what differs."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "yours.safetensors"
+        path.write_bytes(got)
+        back = olmo.read_safetensors(path)
+    if back.keys() != tensors.keys():
+        raise ValueError(f"the file holds {sorted(back)}, not {sorted(tensors)}")
+    for name, t in tensors.items():
+        if back[name].dtype != t.dtype or back[name].shape != t.shape or not torch.equal(back[name], t):
+            raise ValueError(f"{name} reads back as {_short(back[name])} {back[name].dtype}, not {_short(t)} {t.dtype}")
+    return True
+
+
+def check_safetensors_bytes(fn):
+    """fn({name: tensor}) -> the bytes of a .safetensors file holding those tensors, judged by reading them back with
+    olmo.read_safetensors. olmo.write_safetensors, which writes such a file, is refused."""
+    torch.manual_seed(0)
+    cases = [("one float32 matrix", {"weight": torch.randn(3, 4)}),
+             ("float32, bfloat16 and int64 in one file",
+              {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(5).bfloat16(), "steps": torch.arange(4)}),
+             ("a transposed matrix, not contiguous in memory", {"w": torch.randn(4, 3).T})]
+    return _verdict(fn, [(d, (dict(tensors),), tensors, _reads_back) for d, tensors in cases],
+                    shortcuts=[(olmo, "write_safetensors")])
 
 
 # ---- 06: training ---------------------------------------------------------------------------------------------
 
-def _trigram_bits(train, val):
-    counts = torch.ones(256 ** 3)  # add-one smoothing, one count per (a, b, c)
-    counts.index_put_((train[:-2] * 65536 + train[1:-1] * 256 + train[2:],), torch.ones(len(train) - 2), accumulate=True)
-    probs = counts.view(65536, 256) / counts.view(65536, 256).sum(-1, keepdim=True)
-    return -probs[val[:-2] * 256 + val[1:-1], val[2:]].log2().mean().item()
+def _gradients(loss, *inputs):
+    """Autograd's gradients of loss(*inputs), a number, with respect to each input."""
+    with torch.enable_grad():
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(loss(*leaves), leaves)
 
 
-def check_trigram_bits_per_byte(fn):
-    """fn(train, val) -> bits per byte on val (from its third byte on) of the trigram model counted on train (both
-    byte-valued long tensors), with add-one smoothing: P(c | a, b) = (count(a, b, c) + 1) / (count(a, b) + 256)."""
+def _clipped(grads, max_norm):
+    """torch.nn.utils.clip_grad_norm_ on parameters holding copies of grads: what the training loop calls."""
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return [p.grad for p in params]
+
+
+def _all_close(got, expected):
+    """The same number of tensors, each within 1e-5 of the largest element (clip_grad_norm_ adds 1e-6 to the norm
+    it divides by: an answer without it passes)."""
+    scale = max(e.abs().max().item() for e in expected)
+    return len(got) == len(expected) and all(g.shape == e.shape and (g - e).abs().max().item() <= 1e-5 * scale
+                                             for g, e in zip(got, expected))
+
+
+def check_clip_grad_norm(fn):
+    """fn(grads: a list of tensors, max_norm) -> the list as gradient clipping leaves it: where the norm of all the
+    gradients together exceeds max_norm, every gradient scaled by one factor that brings it down to max_norm."""
     g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, 256, (5000,), generator=g) // 7 * 7
-    val = torch.randint(0, 256, (500,), generator=g) // 7 * 7
-    text = torch.tensor(list(b"the cat sat on the mat and the dog sat on the log"))
-    return _verdict(fn, [("random bytes", (train, val), _trigram_bits(train, val), lambda a, b: abs(a - b) < 1e-4),
-                         ("a sentence", (text, text), _trigram_bits(text, text), lambda a, b: abs(a - b) < 1e-4)])
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    cases = [("three gradients, their norm together 7.9, max_norm 1", [2 * r(4, 3), r(6), r(2, 2, 2)], 1.0),
+             ("one large gradient and one small one, max_norm 1", [3 * r(8, 8), 0.01 * r(8)], 1.0),
+             ("gradients already within max_norm", [0.1 * r(5, 5), 0.1 * r(5)], 1.0),
+             ("max_norm 0.25", [r(16, 4), r(4)], 0.25)]
+    return _verdict(fn, [(description, ([t.clone() for t in grads], max_norm), _clipped(grads, max_norm), _all_close)
+                         for description, grads, max_norm in cases],
+                    shortcuts=[(torch.nn.utils, "clip_grad_norm_"), (torch.nn.utils.clip_grad, "clip_grad_norm_"),
+                               (torch.nn.utils, "get_total_norm"), (torch.nn.utils, "clip_grads_with_norm_")])
 
 
-def check_initial_bits_per_byte(fn):
-    """fn(vocab_size) -> the loss, in bits per token, of a model that gives every token the same probability."""
-    return _verdict(fn, [(f"a vocabulary of {v}", (v,), math.log2(v), lambda a, b: abs(a - b) < 1e-9)
-                         for v in (257, 50304, 100352)])
+def _both_close(got, expected):
+    """(grad_x, grad_weight), each within 1e-5 of its largest element (float32 rounds another order otherwise)."""
+    return len(got) == 2 and all(g.shape == e.shape and (g - e).abs().max().item() <= 1e-5 * e.abs().max().item()
+                                 for g, e in zip(got, expected))
+
+
+def check_rms_norm_backward(fn):
+    """fn(x (..., d), weight (d,), eps, grad_y (..., d)) -> (grad_x, grad_weight): the gradients with respect to x
+    and weight of (olmo.RMSNorm(x) * grad_y).sum(), where RMSNorm(x) = weight * x / sqrt(mean(x^2) + eps), without
+    autograd. grad_y is the gradient that arrives from above (the loss's, with respect to RMSNorm's output)."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for description, shape, scale, eps in [("3 rows of 16", (3, 16), 1.0, 1e-6),
+                                           ("a batch of sequences, (2, 5, 32)", (2, 5, 32), 3.0, 1e-6),
+                                           ("small inputs, where eps counts", (4, 64), 0.05, 1e-2)]:
+        x, grad_y = scale * torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        weight = 1 + 0.3 * torch.randn(shape[-1], generator=g)
+
+        def loss(x, w, norm=olmo.RMSNorm(shape[-1], eps), grad_y=grad_y):  # olmo.py's RMSNorm, its weight w
+            return (torch.func.functional_call(norm, {"weight": w}, (x,)) * grad_y).sum()
+        cases.append((description, (x, weight, eps, grad_y), _gradients(loss, x, weight), _both_close))
+    autograd = [(torch.autograd, "grad"), (torch.autograd, "backward"), (torch.Tensor, "backward"),
+                (torch.autograd.functional, "vjp"), (torch.autograd.functional, "jacobian")]  # any gradient at all
+    return _verdict(fn, cases, shortcuts=autograd)
 
 
 # ---- 07: mixture of experts -----------------------------------------------------------------------------------
+# The page measures with each exercise's function after its check: the student's once it passed, solutions.py's
+# until then (as notebook 1's yours_or_olmos), so the page runs whatever has been solved.
+
+def yours_or_solutions(name, mine):
+    """mine if it passed check_<name>, else solutions.py's function of that name; says which."""
+    if _passed.get(name) is mine:
+        print(f"{name}: yours")
+        return mine
+    import solutions  # beside this file
+    print(f"{name}: solutions.py's stands in until my_{name} passes check_{name}")
+    return getattr(solutions, name)
+
+
+def _recorded(name, fn, ok):
+    """ok, having remembered fn in _passed if it passed (for yours_or_solutions)."""
+    if ok:
+        _passed[name] = fn
+    else:
+        _passed.pop(name, None)
+    return ok
+
 
 def _capacity_kept(router_logits, k, capacity):
     experts = router_logits.float().softmax(-1).topk(k, -1).indices.flatten()  # token by token, slot by slot
@@ -286,17 +688,23 @@ def _capacity_kept(router_logits, k, capacity):
 def check_capacity_kept(fn):
     """fn(router_logits (N, E), k, capacity) -> (N, k) booleans: which of each token's k choices (in top-k order)
     its expert accepts, when an expert takes only the first `capacity` (token, choice) pairs, token by token."""
+    same = lambda got, exp: torch.equal(got.bool(), exp)
+    # two tokens that want each other's experts: in token order, token 0's second choice (expert 1) comes before
+    # token 1's first (expert 1 too), so token 1 loses both; taking every first choice first would keep one each
+    crossed = torch.tensor([[3.0, 2.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0]])
+    cases = [("token 0 chooses experts (0, 1), token 1 chooses (1, 0), capacity 1", (crossed, 2, 1),
+              torch.tensor([[True, True], [False, False]]), same)]
     torch.manual_seed(0)
-    logits = torch.randn(12, 4)
-    logits[:, 1] += 1.5  # expert 1 is popular: it overflows first
-    cases = [(f"capacity {c}", (logits, 2, c), _capacity_kept(logits, 2, c), lambda got, exp: torch.equal(got.bool(), exp))
-             for c in (3, 6, 24)]
-    return _verdict(fn, cases)
+    logits = torch.randn(32, 8)
+    logits[:, 1] += 1.0  # expert 1 is popular: it overflows first
+    for c in (8, 10, 16):  # capacity factors 1, 1.25 and 2 of k N / E = 8; at 16 nothing is dropped
+        cases.append((f"32 tokens, 8 experts, capacity {c}", (logits, 2, c), _capacity_kept(logits, 2, c), same))
+    return _recorded("capacity_kept", fn, _verdict(fn, cases))
 
 
 def check_active_parameters(fn):
-    """fn(config) -> the parameters one token uses: all but the embedding table (one row of it: count none) and
-    the experts it is not routed to."""
+    """fn(config) -> the parameters one token uses, by formula from the config: all but the embedding table (one
+    row of it: count none) and the experts it is not routed to. Building the model to count is refused."""
     cases = []
     for name in ["OLMoE-1B-7B-0924", "FlexOlmo-7x7B-1T", "OLMo-2-0425-1B"]:
         config = olmo.OlmoConfig.from_name(name)
@@ -304,7 +712,8 @@ def check_active_parameters(fn):
             model = olmo.OlmoForCausalLM(config)
         expected = sum(p.numel() for p in generate.weights_read_per_token(model))
         cases.append((name, (config,), expected, _equal))
-    return _verdict(fn, cases)
+    return _recorded("active_parameters", fn, _verdict(fn, cases, shortcuts=[
+        (generate, "weights_read_per_token"), (olmo, "OlmoForCausalLM"), (olmo, "OlmoModel")]))
 
 
 # ---- 08: Gated DeltaNet -----------------------------------------------------------------------------------------
@@ -336,4 +745,4 @@ def check_state_bytes(fn):
         cache = olmo.KVCache(config, 1, 16, config.num_key_value_heads, "meta", torch.bfloat16)
         expected = sum(s.S.nbytes + s.conv.nbytes for s in cache.layers if isinstance(s, olmo.GDNState))
         cases.append((name, (config,), expected, _equal))
-    return _verdict(fn, cases)
+    return _verdict(fn, cases, shortcuts=[(olmo, "KVCache"), (olmo, "GDNState")])  # allocating the states to measure

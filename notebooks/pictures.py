@@ -178,26 +178,53 @@ def router(probs, k, token="a token"):
     return fig
 
 
-def gated_deltanet():
-    """nb8: a Gated DeltaNet layer from its input to its output, with the state it carries between tokens."""
-    fig, ax = _canvas(10, 5.2, "a Gated DeltaNet layer, per token")
-    _box(ax, 1.0, 0.5, 1.4, 0.45, "x (d)", "embed")
-    branches = [(2.3, "q_proj\nconv, SiLU\nL2 norm", "q"), (3.9, "k_proj\nconv, SiLU\nL2 norm", "k"),
-                (5.5, "v_proj\nconv, SiLU", "v"), (7.1, "b_proj\n2 sigmoid", "β"),
-                (8.8, "a_proj\n-exp(A) softplus\n(a + dt_bias)", "g")]
-    for x, text, name in branches:
-        _arrow(ax, (1.7, 0.5), (x, 1.05), connectionstyle="angle,angleA=0,angleB=90")
-        _box(ax, x, 1.5, 1.45, 0.85, text, "attn" if name in "qkv" else "norm", 7)
-        ax.text(x + 0.55, 2.05, name, fontsize=10, color="darkred")
-    _box(ax, 5.0, 3.2, 5.6, 0.8, "state S (d_k x d_v per head):  S ← exp(g) S,  then  S ← S + β k (v - Sᵀk)ᵀ\n"
-         "read:  o = Sᵀ q", "state", 8)
-    for x, _, name in branches:
-        _arrow(ax, (x, 1.95), (min(max(x, 2.4), 7.6), 2.8))
-    ax.text(8.0, 3.2, "S is kept for\nthe next token", fontsize=8, va="center")
-    _box(ax, 3.0, 4.5, 2.2, 0.5, "RMSNorm(o) x SiLU(g_proj x)", "norm", 7)
-    _box(ax, 6.0, 4.5, 1.4, 0.5, "o_proj → out", "embed", 8)
-    _arrow(ax, (3.5, 3.6), (3.0, 4.25))
-    _arrow(ax, (4.1, 4.5), (5.3, 4.5))
+def parameters_read(rows):
+    """nb7: per model, all its parameters and those one decoded token reads, with the bytes that makes in bfloat16.
+    rows: (name, total, read). The legend sits above the bars, clear of the labels at their ends."""
+    fig, ax = plt.subplots(figsize=(8.5, 3.3))
+    names = [name for name, _, _ in rows]
+    ax.barh(names, [total / 1e9 for _, total, _ in rows], color="C7", label="total parameters")
+    ax.barh(names, [read / 1e9 for _, _, read in rows], color="C1", label="read per decoded token (all but the embedding table)")
+    for i, (_, total, read) in enumerate(rows):
+        ax.text(total / 1e9, i, f" {read / 1e9:.1f} of {total / 1e9:.1f} B: {2 * read / 1e9:.1f} GB per token in bf16",
+                va="center", fontsize=8)
+    ax.set_xlim(0, 1.6 * max(total for _, total, _ in rows) / 1e9); ax.invert_yaxis()
+    ax.set_xlabel("billions of parameters")
+    ax.legend(fontsize=8, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    plt.tight_layout()
+    return fig
+
+
+def gated_deltanet(config, name):
+    """nb8: a Gated DeltaNet layer (olmo.GatedDeltaNet) from its input to its output, per token, with the sizes of
+    config (model name): six projections of x, the state it updates and carries to the next token, the gated output."""
+    d, K, beta_max = config.hidden_size, config.linear_conv_kernel_dim, 2 if config.linear_allow_neg_eigval else 1
+    n_k, n_v, d_k, d_v = (config.linear_num_key_heads, config.linear_num_value_heads, config.linear_key_head_dim,
+                          config.linear_value_head_dim)
+    fig, ax = _canvas(10.5, 6.2, f"a Gated DeltaNet layer of {name}, per token (d = {d})")
+    _box(ax, 0.55, 0.45, 0.9, 0.45, "x (d)", "embed")
+    branches = [(1.75, f"q_proj: {n_k} x {d_k}\nconv {K}, SiLU\nL2 norm, / √d_k", "q", "attn"),
+                (3.35, f"k_proj: {n_k} x {d_k}\nconv {K}, SiLU\nL2 norm", "k", "attn"),
+                (4.95, f"v_proj: {n_v} x {d_v}\nconv {K}, SiLU", "v", "attn"),
+                (6.5, f"b_proj: {n_v}\n{beta_max} sigmoid(b)", "β", "plain"),
+                (8.05, f"a_proj: {n_v}\n-exp(A_log) x\nsoftplus(a + dt_bias)", "g", "plain"),
+                (9.65, f"g_proj:\n{n_v} x {d_v}", "gate", "plain")]
+    ax.plot([1.0, branches[-1][0]], [0.45, 0.45], color="black", lw=1)  # x goes to every projection
+    for x, text, label, kind in branches:
+        _arrow(ax, (x, 0.45), (x, 1.05))
+        _box(ax, x, 1.5, 1.42, 0.85, text, kind, 7)
+        ax.text(x + 0.6, 2.05, label, fontsize=10, color="darkred")
+    state = (f"state S: {n_v} heads x d_k x d_v = {n_v} x {d_k} x {d_v}, float32\n"
+             "S ← exp(g) S,   then   S ← S + β k (v - Sᵀk)ᵀ\nread:  o = Sᵀ q")
+    _box(ax, 4.6, 3.35, 6.6, 0.95, state, "state", 8)
+    for x, *_ in branches[:-1]:  # all but the output gate feed the state
+        _arrow(ax, (x, 1.95), (min(x, 7.7), 2.87))
+    ax.text(8.1, 3.35, "S and the conv's last\nK - 1 inputs are kept\nfor the next token", fontsize=8, va="center")
+    _box(ax, 4.6, 4.75, 3.4, 0.5, "RMSNorm(o) per head  x  SiLU(gate)", "norm", 8)
+    _arrow(ax, (4.6, 3.83), (4.6, 4.5))
+    _arrow(ax, (branches[-1][0], 1.95), (6.3, 4.75), connectionstyle="angle,angleA=90,angleB=0")  # the output gate
+    _box(ax, 4.6, 5.7, 2.4, 0.45, "o_proj → out (d)", "embed", 8)
+    _arrow(ax, (4.6, 5.0), (4.6, 5.47))
     return fig
 
 

@@ -62,7 +62,11 @@ def python_docs(modules=MODULES):
     for name in modules:
         with contextlib.redirect_stdout(io.StringIO()):  # a module may print when imported
             pages.append(pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext))
-    return re.sub(r" at 0x[0-9a-f]+", "", "\n\n".join(pages))  # objects' memory addresses differ from run to run
+    text = re.sub(r" at 0x[0-9a-f]+", "", "\n\n".join(pages))  # objects' memory addresses differ from run to run
+    # os's page lists this machine's environment variables and sys's its paths: text about the machine, not Python
+    text = re.sub(r"\n *environb? = environ\(.*", "", text)
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return "\n".join(line for line in text.split("\n") if not any(prefix in line for prefix in prefixes))
 
 
 def train_and_held_out(text):

@@ -620,7 +620,8 @@ def rows_child(folder, dtype, quantize):
     """Run in a fresh process (its kernels chosen by its environment): the seconds of one decode step over each of
     ROW_COUNTS new rows after a 128-token prompt, medians of 8, as JSON on stdout."""
     model = generate.load_model(folder, dtype=getattr(torch, dtype), quantize=None if quantize == "None" else quantize)
-    prompt = torch.randint(0, min(model.config.vocab_size, 50000), (1, 128))
+    ids = min(model.config.vocab_size, 50000)  # token ids that every vocabulary has, a byte-level one too
+    prompt = torch.randint(0, ids, (1, 128))
     seconds = {}
     with torch.inference_mode():
         for rows in (1,) + ROW_COUNTS:  # the first plain step again: warm-up
@@ -628,7 +629,7 @@ def rows_child(folder, dtype, quantize):
             for _ in range(8):
                 cache = model.new_cache(1, 128 + rows)
                 model(prompt, cache=cache, last_only=True)
-                new = torch.randint(0, 1000, (1, rows))
+                new = torch.randint(0, ids, (1, rows))
                 t = time.perf_counter()
                 model(new, cache=cache)
                 times.append(time.perf_counter() - t)
@@ -649,7 +650,8 @@ def step_costs(args, folder):
             if r.returncode:
                 raise RuntimeError(f"the rows child ({v}, {kernels}) failed:\n{r.stderr[-2000:]}")
             seconds = {int(k): t for k, t in json.loads(r.stdout.strip().splitlines()[-1]).items()}
-            print(f"{v + ', ' + kernels + ' kernels':30s}" + "".join(
+            weights = args.dtype_name if v == "bf16" else v  # unquantized: the weights in the activations' dtype
+            print(f"{weights + ', ' + kernels + ' kernels':30s}" + "".join(
                 f"{f'{1e3 * seconds[n]:.1f} ({seconds[n] / seconds[1]:.2f}x)':>18s}" for n in ROW_COUNTS))
 
 
@@ -704,7 +706,8 @@ def speculation_processes(args, folder, have_reference):
           f"{'vs transformers':>17s}{'same text':>11s}")
     rate = {(task, run): r for task, _, run, r, *_ in rows}
     for task, n, (impl, v, g), r, lo, hi, steps, same in rows:
-        name = f"{task}: {impl} {v} " + ({"lookup": "prompt lookup", "draft": "draft model"}[g[0]] if g else "plain")
+        weights = args.dtype_name if v == "bf16" else f"{v}"  # unquantized: the weights in the activations' dtype
+        name = f"{task}: {impl} {weights} " + ({"lookup": "prompt lookup", "draft": "draft model"}[g[0]] if g else "plain")
         name += ", auto" if "auto" in g else ""
         peer = rate.get((task, ("transformers", v, g))) if impl == "olmo.py" else None
         print(f"{name:44s}{n:5d}{r:14.2f}{f'{lo:.2f}-{hi:.2f}':>14s}{f'{steps:.2f}' if steps else '':>13s}"

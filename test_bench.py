@@ -77,17 +77,17 @@ def test_bench_speculation_runs_and_reports(tmp_path):
                         "--samples", "2", "--draft-model", str(tmp_path / "model"), "--doc", str(doc)],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(\w+: [\w.]+ bf16 [\w ,]+?) {2,}(.*)$", r.stdout, re.M)}
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(\w+: [\w.]+ bfloat16 [\w ,]+?) {2,}(.*)$", r.stdout, re.M)}
     with_reference = importlib.util.find_spec("transformers") is not None
     assert len(rows) == 2 * (4 + 3 * with_reference), r.stdout  # 2 tasks; ours: plain, lookup, auto, draft
     # what a step of several rows costs, per kind of CPU kernels
-    assert all(re.search(rf"^bf16, {kernels} kernels +[\d.]+ \(1\.00x\)( +[\d.]+ \([\d.]+x\)){{4}}$", r.stdout, re.M)
+    assert all(re.search(rf"^bfloat16, {kernels} kernels +[\d.]+ \(1\.00x\)( +[\d.]+ \([\d.]+x\)){{4}}$", r.stdout, re.M)
                for kernels in ("native", "AVX512 without BF16", "AVX2")), r.stdout
     for task in ("copy", "write"):
         # a draft that is the model itself: every guess kept, so the 11 tokens after the first come 5, 5 and 1 a step
-        draft = rows[f"{task}: olmo.py bf16 draft model"].split()
+        draft = rows[f"{task}: olmo.py bfloat16 draft model"].split()
         assert draft[3] == f"{11 / 3:.2f}" and draft[-1] == "yes", r.stdout
-        assert rows[f"{task}: olmo.py bf16 prompt lookup"].split()[-1] == "yes"
+        assert rows[f"{task}: olmo.py bfloat16 prompt lookup"].split()[-1] == "yes"
     written = doc.read_text()
     assert written.startswith(before) and written.endswith(after) and "Written by `python bench.py --model" in written
     assert r.stdout.strip().splitlines()[-1] in written.split(start)[1].split(end)[0]

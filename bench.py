@@ -702,7 +702,7 @@ def speculation_processes(args, folder, have_reference):
     print(f"\nspeculative decoding in whole processes, {args.model}, {args.dtype_name} activations, CPU, greedy, "
           f"K = {args.speculate} guesses per step, {args.samples} text(s) of N tokens per process, "
           f"{args.process_rounds} rounds, medians")
-    print(f"{'':44s}{'N':>5s}{'decode tok/s':>14s}{'min-max':>14s}{'tokens/step':>13s}{'vs plain':>10s}"
+    print(f"{'':44s}{'N':>5s}{'decode tok/s':>14s}{'min-max':>16s}{'tokens/step':>13s}{'vs plain':>10s}"
           f"{'vs transformers':>17s}{'same text':>11s}")
     rate = {(task, run): r for task, _, run, r, *_ in rows}
     for task, n, (impl, v, g), r, lo, hi, steps, same in rows:
@@ -710,7 +710,7 @@ def speculation_processes(args, folder, have_reference):
         name = f"{task}: {impl} {weights} " + ({"lookup": "prompt lookup", "draft": "draft model"}[g[0]] if g else "plain")
         name += ", auto" if "auto" in g else ""
         peer = rate.get((task, ("transformers", v, g))) if impl == "olmo.py" else None
-        print(f"{name:44s}{n:5d}{r:14.2f}{f'{lo:.2f}-{hi:.2f}':>14s}{f'{steps:.2f}' if steps else '':>13s}"
+        print(f"{name:44s}{n:5d}{r:14.2f}  {f'{lo:.2f} to {hi:.2f}':>14s}{f'{steps:.2f}' if steps else '':>13s}"
               f"{r / rate[task, (impl, v, ())]:10.2f}{f'{r / peer:.2f}' if peer else '':>17s}"
               f"{('yes' if same else 'no') if g else '':>11s}")
 

@@ -254,9 +254,11 @@ def resolve_model(args):
         folder, args.model = olmo.resolve_checkpoint(DEFAULT_MODEL), DEFAULT_MODEL  # args.model: what "loaded" names
         return folder
     except (OSError, ImportError) as e:
-        why = "huggingface_hub is not installed" if isinstance(e, ImportError) else "it is not cached and the Hub is out of reach"
+        why = ("huggingface_hub is not installed" if isinstance(e, ImportError)
+               else "it is not cached and the Hub is out of reach")
         print(f"({DEFAULT_MODEL}: {why}; running the small demo model {DEMO_MODEL_NAME} instead. For the real one: "
-              f"pip install huggingface_hub, then online once: python sample.py --model {DEFAULT_MODEL})", file=sys.stderr)
+              f"pip install huggingface_hub, then online once: python sample.py --model {DEFAULT_MODEL})",
+              file=sys.stderr)
         args.model = DEMO_MODEL_NAME
         return DEMO_MODEL
 

@@ -371,15 +371,24 @@ def check_grouped_query(fn):
 def check_olmo2_attention(fn):
     """fn(x (B, T, d), w (q/k/v/o_proj.weight, q_norm.weight, k_norm.weight), config (config.json's dict),
     positions (T,)) -> (B, T, d): OLMo 2's attention, as olmo.Attention computes it."""
+    cases = _positioned_cases("model.layers.0.self_attn.", olmos_olmo2_attention, lambda shape: (
+        f"{shape['num_attention_heads']} query heads, {shape['num_key_value_heads']} key/value heads, "
+        f"theta {shape['rope_theta']:g}"))
+    return _stage_verdict("olmo2_attention", fn, cases, _ATTENTION)
+
+
+def _positioned_cases(part, reference, describe):
+    """A case per shape of _SHAPES for a stage fed (x, w, config, positions): w the random model's weights under
+    part, positions 0..5 for the first shape and _GAPPED for the second, reference(x, w, config, positions) the
+    answer; describe(shape) names the shape."""
     g = torch.Generator().manual_seed(0)
     cases = []
     for shape, positions in zip(_SHAPES, (torch.arange(6), _GAPPED)):
         config, weights = _random_olmo2(shape, 0)
-        x, w = torch.randn(2, 6, shape["hidden_size"], generator=g), _part(weights, "model.layers.0.self_attn.")
-        what = (f"{shape['num_attention_heads']} query heads, {shape['num_key_value_heads']} key/value heads, "
-                f"theta {shape['rope_theta']:g}, eps {shape['rms_norm_eps']:g}, positions {positions.tolist()}")
-        cases.append((what, (x, w, config, positions), olmos_olmo2_attention(x, w, config, positions), _same(1e-5)))
-    return _stage_verdict("olmo2_attention", fn, cases, _ATTENTION)
+        x, w = torch.randn(2, 6, shape["hidden_size"], generator=g), _part(weights, part)
+        what = f"{describe(shape)}, eps {shape['rms_norm_eps']:g}, positions {positions.tolist()}"
+        cases.append((what, (x, w, config, positions), reference(x, w, config, positions), _same(1e-5)))
+    return cases
 
 
 def check_swiglu(fn):
@@ -397,14 +406,8 @@ def check_swiglu(fn):
 def check_olmo2_block(fn):
     """fn(x (B, T, d), w (one layer's weights, names under model.layers.N.), config, positions (T,)) -> (B, T, d):
     OLMo 2's block, as olmo.Block computes it."""
-    g = torch.Generator().manual_seed(0)
-    cases = []
-    for shape, positions in zip(_SHAPES, (torch.arange(6), _GAPPED)):
-        config, weights = _random_olmo2(shape, 0)
-        x, w = torch.randn(2, 6, shape["hidden_size"], generator=g), _part(weights, "model.layers.1.")
-        what = (f"d = {shape['hidden_size']}, {shape['num_attention_heads']} heads, eps {shape['rms_norm_eps']:g}, "
-                f"positions {positions.tolist()}")
-        cases.append((what, (x, w, config, positions), olmos_olmo2_block(x, w, config, positions), _same(1e-5)))
+    cases = _positioned_cases("model.layers.1.", olmos_olmo2_block,
+                              lambda shape: f"d = {shape['hidden_size']}, {shape['num_attention_heads']} heads")
     return _stage_verdict("olmo2_block", fn, cases, _refusing("Block"))
 
 

@@ -506,14 +506,15 @@ def process_command(impl, variant, folder, prompt_file, n, dtype_name, guessing=
     return command + (["--quantize", variant] if variant != "bf16" else [])
 
 
-def run_process(command):
-    """Wall seconds of a whole process, and what it said on stderr (sample.py: its statistics line)."""
+def run_process(command, what):
+    """Wall seconds of a whole process, what it said on stderr (sample.py: its statistics line) and on stdout (the
+    text). what: the run, as an error names it."""
     t = time.perf_counter()
     r = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if r.returncode:
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{r.stderr[-2000:]}")
-    return seconds, r.stderr
+        raise RuntimeError(f"{what} failed:\n{r.stderr[-2000:]}")
+    return seconds, r.stderr, r.stdout
 
 
 def whole_processes(args, folder, have_reference):
@@ -543,7 +544,8 @@ def whole_processes(args, folder, have_reference):
             for run in runs:
                 reads.append(memory_bandwidth(torch.device("cpu"))[0])
                 for key, prompt, count in (("n", short, n[run]), ("1", short, 1), ("prefill", long, 1)):
-                    seconds, err = run_process(process_command(*run, folder, prompt, count, args.dtype_name))
+                    seconds, err, _ = run_process(process_command(*run, folder, prompt, count, args.dtype_name),
+                                                  " ".join(run))
                     times[run][key].append(seconds if key != "prefill" else prefill_from(err, run[0]))
                 decode = (n[run] - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
                 print(f"round {r + 1}: {run[0]} {run[1]}: decode {decode:.2f} tok/s", file=sys.stderr, flush=True)
@@ -682,15 +684,13 @@ def speculation_processes(args, folder, have_reference):
                 for run in runs:
                     impl, v, g = run
                     for key, count in (("n", n), ("1", 1)):
-                        t0 = time.perf_counter()
-                        out = subprocess.run(process_command(impl, v, folder, prompt, count, args.dtype_name, g,
-                                                             args.samples), capture_output=True, text=True)
-                        times[run][key].append(time.perf_counter() - t0)
-                        if out.returncode:
-                            raise RuntimeError(f"{impl} {v} {' '.join(map(str, g))} failed:\n{out.stderr[-2000:]}")
+                        seconds, err, text = run_process(
+                            process_command(impl, v, folder, prompt, count, args.dtype_name, g, args.samples),
+                            f"{impl} {v} {' '.join(map(str, g))}")
+                        times[run][key].append(seconds)
                         if key == "n":
-                            texts[run] = out.stdout
-                            per_step[run] += [float(x) for x in re.findall(r"([\d.]+) tokens per step", out.stderr)]
+                            texts[run] = text
+                            per_step[run] += [float(x) for x in re.findall(r"([\d.]+) tokens per step", err)]
                     rate = args.samples * (n - 1) / (times[run]["n"][-1] - times[run]["1"][-1])
                     print(f"round {r + 1}: {task} {impl} {v} {' '.join(map(str, g[:2])) or 'plain'}: {rate:.2f} tok/s",
                           file=sys.stderr, flush=True)
@@ -724,7 +724,7 @@ def new_tokens(run, folder, prompt, args, room):
     includes its short prompt); at least PILOT_TOKENS, and no more than the model's context allows."""
     if args.decode_seconds <= 0:
         return args.max_new_tokens
-    _, err = run_process(process_command(*run, folder, prompt, PILOT_TOKENS, args.dtype_name))
+    _, err, _ = run_process(process_command(*run, folder, prompt, PILOT_TOKENS, args.dtype_name), " ".join(run))
     if run[0] == "olmo.py":
         rate = float(re.search(r"decode \d+ tokens at ([\d.]+) tok/s", err).group(1))
     else:
